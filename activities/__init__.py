@@ -1,0 +1,1 @@
+"""Activities: thin, idempotent wrappers around the clients that do the work."""

@@ -1,0 +1,148 @@
+"""The backend interface the lifecycle workflow drives, and the activities that dispatch to a backend.
+
+Every backend (local processes, Kubernetes objects, Helm releases) implements the same verbs, so the
+workflow never changes with the backend: prepare (resolve and pull), ensure instances ("make it N",
+idempotent), observe (optionally waiting for a change), and tear down. The cluster group named in the
+deployment specification picks the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from workflows.models import (
+    DeploymentSpecification,
+    EnsureInstancesInput,
+    InstanceRecord,
+    ObservedInstances,
+    ObserveInput,
+    PrepareInput,
+    PrepareResult,
+    TeardownInput,
+    VersionRef,
+)
+
+HEARTBEAT_SECONDS = 2.0
+
+
+class Backend(Protocol):
+    """What a place that runs instances must offer to the lifecycle workflow."""
+
+    async def prepare(self, request: PrepareInput) -> PrepareResult:
+        """Resolve and pull the artifacts; raise a non-retryable ApplicationError when they are missing."""
+        ...
+
+    async def ensure_instances(self, request: EnsureInstancesInput) -> list[InstanceRecord]:
+        """Remove `request.remove`, then make the spec have exactly `request.count` live instances."""
+        ...
+
+    async def observe(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> list[InstanceRecord]:
+        """Return the version's instances as they are now."""
+        ...
+
+    async def wait_for_change(self, ref: VersionRef, max_wait: float) -> None:
+        """Return when the version's instances may have changed, or after `max_wait` seconds."""
+        ...
+
+    async def teardown(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> None:
+        """Remove every instance and object of the version; succeed when there is nothing left."""
+        ...
+
+
+class UnknownClusterGroupError(ApplicationError):
+    """A deployment names a cluster group no backend serves."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Unknown cluster group '{name}'", type="UnknownClusterGroup", non_retryable=True)
+
+
+@asynccontextmanager
+async def heartbeating(details: object = None) -> AsyncIterator[None]:
+    """Heartbeat in the background while the body runs, so a dead worker is noticed within seconds."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat(details)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def _fingerprint(instances: list[InstanceRecord]) -> set[tuple[str, str, str | None]]:
+    return {(i.instanceId, i.status.value, i.address) for i in instances}
+
+
+class BackendActivities:
+    """Activities of the lifecycle, each dispatching to the backend of the spec's cluster group."""
+
+    def __init__(self, backends: dict[str, Backend]) -> None:
+        self._backends = backends
+
+    def _backend(self, cluster_group: str) -> Backend:
+        backend = self._backends.get(cluster_group)
+        if backend is None:
+            raise UnknownClusterGroupError(cluster_group)
+        return backend
+
+    def _groups(self, specs: list[DeploymentSpecification]) -> list[Backend]:
+        seen: dict[str, Backend] = {}
+        for spec in specs:
+            seen.setdefault(spec.clusterGroup, self._backend(spec.clusterGroup))
+        return list(seen.values())
+
+    @activity.defn
+    async def prepare(self, request: PrepareInput) -> PrepareResult:
+        """Resolve and pull what the spec runs (image digest, chart), before any instance exists."""
+        async with heartbeating():
+            return await self._backend(request.deploymentSpec.clusterGroup).prepare(request)
+
+    @activity.defn
+    async def ensure_instances(self, request: EnsureInstancesInput) -> ObservedInstances:
+        """Make one spec have exactly `count` live instances after removing `remove` (idempotent)."""
+        async with heartbeating():
+            instances = await self._backend(request.deploymentSpec.clusterGroup).ensure_instances(request)
+        return ObservedInstances(instances=instances)
+
+    @activity.defn
+    async def observe_instances(self, request: ObserveInput) -> ObservedInstances:
+        """Return the version's instances; with `waitForChange`, only once they differ from `known`.
+
+        Heartbeats while it waits, so the workflow's history stays still while nothing changes.
+        """
+        backends = self._groups(request.specs)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.maxWaitSeconds
+        known = _fingerprint(request.known)
+        while True:
+            instances = [i for backend in backends for i in await backend.observe(request.ref, request.specs)]
+            if not request.waitForChange or _fingerprint(instances) != known or loop.time() >= deadline:
+                return ObservedInstances(instances=instances)
+            activity.heartbeat()
+            waits = [
+                asyncio.create_task(
+                    backend.wait_for_change(request.ref, min(HEARTBEAT_SECONDS, deadline - loop.time()))
+                )
+                for backend in backends
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+    @activity.defn
+    async def teardown(self, request: TeardownInput) -> None:
+        """Remove every instance and object of the version (idempotent)."""
+        async with heartbeating():
+            for backend in self._groups(request.specs):
+                await backend.teardown(request.ref, request.specs)

@@ -1,0 +1,215 @@
+"""Activities that read the gateways' load: the autoscaling watcher and the drain wait.
+
+Load is measured where requests are: at every API replica's gateway. One `LoadMonitor` per worker polls
+every replica's internal load endpoint once per tick, for all versions at once, so a thousand watched
+versions cost one small HTTP call per replica per tick, not a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from temporalio import activity
+
+from gpufn.autoscaling import Autoscaler, AutoscalerState
+from workflows.models import DrainInput, DrainResult, WatchLoadInput, WatchLoadResult
+
+log = logging.getLogger(__name__)
+
+LOAD_PATH = "/internal/v1/load"
+TICK_SECONDS = 0.5
+HEARTBEAT_EVERY_SECONDS = 3.0
+DRAIN_POLL_SECONDS = 0.2
+
+
+@dataclass
+class VersionLoad:
+    """One version's load summed over every gateway."""
+
+    queued: int = 0
+    inFlight: int = 0
+    ready: int = 0
+    routesVersion: int = 0
+    """The oldest routing version any gateway applied for this version."""
+    instances: dict[str, int] = field(default_factory=dict)
+    """In-flight requests per instance."""
+
+    @property
+    def total(self) -> int:
+        """Return the autoscaling signal: in-flight plus queued requests."""
+        return self.queued + self.inFlight
+
+
+class LoadMonitor:
+    """Polls every gateway's per-version load on a shared tick, while anyone is watching."""
+
+    def __init__(self, gateway_urls: list[str], admin_key: str, tick: float = TICK_SECONDS) -> None:
+        self._urls = gateway_urls
+        self._headers = {"Authorization": f"Bearer {admin_key}"}
+        self._tick = tick
+        self._loads: dict[str, VersionLoad] = {}
+        self._reachable = False
+        self._watchers = 0
+        self._tick_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._autoscaler_states: dict[str, AutoscalerState] = {}
+
+    async def close(self) -> None:
+        """Stop polling."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    def remember(self, version_id: str, state: AutoscalerState) -> None:
+        """Keep a version's autoscaler history for its next watcher in this worker."""
+        self._autoscaler_states[version_id] = state
+
+    def recall(self, version_id: str) -> AutoscalerState | None:
+        """Return the history kept by the version's previous watcher in this worker, if any."""
+        return self._autoscaler_states.get(version_id)
+
+    def load(self, version_id: str) -> VersionLoad:
+        """Return the version's last measured load (zero when no gateway reports it)."""
+        return self._loads.get(version_id, VersionLoad())
+
+    @property
+    def reachable(self) -> bool:
+        """Return whether the last poll reached at least one gateway."""
+        return self._reachable
+
+    async def next_tick(self) -> None:
+        """Wait for the next poll of the gateways to finish."""
+        self._ensure_running()
+        self._tick_event.clear()
+        await self._tick_event.wait()
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        self._session = self._session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        while True:
+            started = time.monotonic()
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("Load poll failed")
+            self._tick_event.set()
+            await asyncio.sleep(max(0.0, self._tick - (time.monotonic() - started)))
+
+    async def poll_once(self) -> None:
+        """Read every gateway's load and sum it per version."""
+        assert self._session is not None
+        replies = await asyncio.gather(*(self._fetch(url) for url in self._urls))
+        loads: dict[str, VersionLoad] = {}
+        first_seen: set[str] = set()
+        reached = False
+        for reply in replies:
+            if reply is None:
+                continue
+            reached = True
+            for version_id, item in reply.get("versions", {}).items():
+                total = loads.setdefault(version_id, VersionLoad())
+                total.queued += int(item.get("queued", 0))
+                total.inFlight += int(item.get("inFlight", 0))
+                total.ready = max(total.ready, int(item.get("ready", 0)))
+                seen = int(item.get("routesVersion", 0))
+                total.routesVersion = seen if version_id not in first_seen else min(total.routesVersion, seen)
+                first_seen.add(version_id)
+                for instance_id, count in item.get("instances", {}).items():
+                    total.instances[instance_id] = total.instances.get(instance_id, 0) + int(count)
+        self._loads = loads
+        self._reachable = reached
+
+    async def _fetch(self, base_url: str) -> dict[str, Any] | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                base_url.rstrip("/") + LOAD_PATH, headers=self._headers, ssl=False
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                body: dict[str, Any] = await resp.json()
+                return body
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+
+class GatewayActivities:
+    """Activities that watch the gateways' load on behalf of the lifecycle workflow."""
+
+    def __init__(self, monitor: LoadMonitor) -> None:
+        self._monitor = monitor
+
+    @activity.defn
+    async def watch_load(self, request: WatchLoadInput) -> WatchLoadResult:
+        """Run the autoscaler on the version's load; return when it wants a count other than `current`."""
+        version_id = request.ref.versionId
+        details = activity.info().heartbeat_details
+        state: AutoscalerState | None = None
+        if details:
+            with contextlib.suppress(Exception):
+                state = AutoscalerState.model_validate(details[0])
+        state = state or self._monitor.recall(version_id)
+        scaler = Autoscaler(
+            request.settings,
+            request.nvcf,
+            max_request_concurrency=request.maxRequestConcurrency,
+            min_instances=request.minInstances,
+            max_instances=request.maxInstances,
+            state=state,
+        )
+        started = time.monotonic()
+        last_beat = 0.0
+        while time.monotonic() - started < request.maxWaitSeconds:
+            await self._monitor.next_tick()
+            now = time.monotonic()
+            if not self._monitor.reachable:
+                # No gateway answered: no data is not zero load, so decide nothing until one answers.
+                activity.heartbeat()
+                continue
+            load = self._monitor.load(version_id)
+            scaler.record(now, float(load.total))
+            ready = load.ready if load.ready or request.ready == 0 else request.ready
+            decision = scaler.decide(now, ready=ready, current=request.current)
+            if decision.desired != request.current:
+                self._monitor.remember(version_id, scaler.state)
+                return WatchLoadResult(decision=decision)
+            if now - last_beat >= HEARTBEAT_EVERY_SECONDS:
+                last_beat = now
+                activity.heartbeat(scaler.state.model_dump(mode="json"))
+        self._monitor.remember(version_id, scaler.state)
+        return WatchLoadResult(decision=None)
+
+    @activity.defn
+    async def wait_drained(self, request: DrainInput) -> DrainResult:
+        """Wait until no gateway holds a request for the instances (or the version), up to the timeout."""
+        deadline = time.monotonic() + request.timeoutSeconds
+        remaining = 0
+        while True:
+            await self._monitor.next_tick()
+            load = self._monitor.load(request.ref.versionId)
+            # Requests can still be routed to the instances until every gateway applied the routes
+            # that leave them out, so the drain only counts once all of them have.
+            if request.wholeVersion:
+                remaining = load.total
+            else:
+                remaining = sum(load.instances.get(i, 0) for i in request.instanceIds)
+            if self._monitor.reachable and remaining == 0 and load.routesVersion >= request.routesVersion:
+                return DrainResult(drained=True)
+            if time.monotonic() >= deadline:
+                log.warning("Drain of %s timed out with %d requests left", request.ref.versionId, remaining)
+                return DrainResult(drained=False, remaining=remaining)
+            activity.heartbeat(remaining)
+            await asyncio.sleep(DRAIN_POLL_SECONDS)

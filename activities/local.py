@@ -1,0 +1,596 @@
+"""The local backend: each function instance is a process on this machine, on its own loopback address.
+
+The supervisor lives in the worker process. It records every instance in a JSON file under the state
+directory (pid and process start time), so instances outlive a crashed worker and a restarted worker
+adopts the ones still alive. It probes each instance's health endpoint, notices exits at once, and wakes
+the watcher activities of the version whose instances changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+from temporalio.exceptions import ApplicationError
+
+from gpufn.durations import parse_iso_duration
+from gpufn.inventory import CPU_GPU_NAME, CPU_INSTANCE_TYPE, LocalGpu, local_instance_type
+from gpufn.sealing import SecretBox, secret_context
+from workflows.models import (
+    DeploymentSpecification,
+    EnsureInstancesInput,
+    FunctionVersionSpec,
+    InstanceRecord,
+    InstanceStatus,
+    PrepareInput,
+    PrepareResult,
+    VersionRef,
+)
+
+log = logging.getLogger(__name__)
+
+STARTING_PROBE_SECONDS = 0.2
+RUNNING_PROBE_SECONDS = 1.0
+EXIT_CHECK_SECONDS = 0.2
+FAILED_PROBES_BEFORE_ERROR = 3
+STOP_GRACE_SECONDS = 5.0
+LOG_TAIL_LINES = 20
+NO_COMMAND_LINE = (
+    "The local backend runs a version's containerArgs as a command line, and this version has none"
+)
+
+
+@dataclass
+class LocalInstance:
+    """One instance process, as recorded on disk."""
+
+    instanceId: str
+    accountId: str
+    functionId: str
+    versionId: str
+    specIndex: int
+    instanceType: str
+    host: str
+    port: int
+    healthUrl: str
+    healthStatus: int
+    healthTimeout: float
+    command: list[str]
+    env: dict[str, str]
+    createdAt: str
+    startTimeout: float
+    gpuIndex: int | None = None
+    pid: int | None = None
+    procStart: str | None = None
+    startedAt: str | None = None
+    status: str = InstanceStatus.STARTING.value
+    error: str | None = None
+    failedProbes: int = 0
+    exitCode: int | None = None
+    lastProbeAt: float = field(default=0.0, repr=False)
+
+    def record(self, log_tail: str | None) -> InstanceRecord:
+        """Return the instance as the workflow sees it."""
+        return InstanceRecord(
+            instanceId=self.instanceId,
+            specIndex=self.specIndex,
+            status=InstanceStatus(self.status),
+            address=f"http://{self.host}:{self.port}",
+            error=self.error,
+            logTail=log_tail if self.status == InstanceStatus.ERRORED.value else None,
+            createdAt=datetime.fromisoformat(self.createdAt),
+            updatedAt=None,
+        )
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Return the process's start time in clock ticks (identifies a pid across reuse), or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses; fields after the last ')' are fixed.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return fields[19]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class LocalSupervisor:
+    """Starts, probes, adopts and stops the local instance processes of this machine."""
+
+    def __init__(
+        self,
+        home: Path,
+        cpu_slots: int,
+        gpus: list[LocalGpu],
+        secret_box: SecretBox,
+        start_timeout: float,
+        workdir: Path | None = None,
+    ) -> None:
+        self._dir = home / "instances"
+        self._logs = home / "logs"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._logs.mkdir(parents=True, exist_ok=True)
+        self._cpu_slots = cpu_slots
+        self._gpus = gpus
+        self._box = secret_box
+        self._start_timeout = start_timeout
+        self._workdir = workdir or Path.cwd()
+        self._instances: dict[str, LocalInstance] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # --- Lifecycle of the supervisor itself ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt the instances recorded on disk that are still alive, and start probing."""
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        for path in sorted(self._dir.glob("*.json")):
+            try:
+                instance = LocalInstance(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("Ignoring unreadable instance record %s: %s", path, err)
+                continue
+            if instance.pid is not None and _proc_start_time(instance.pid) != instance.procStart:
+                if instance.status != InstanceStatus.ERRORED.value:
+                    instance.status = InstanceStatus.ERRORED.value
+                    instance.error = "The instance process exited while no worker was watching it"
+            self._instances[instance.instanceId] = instance
+            log.info("Adopted instance %s (pid %s, %s)", instance.instanceId, instance.pid, instance.status)
+        self._task = asyncio.create_task(self._supervise())
+
+    async def close(self) -> None:
+        """Stop probing; instances keep running (a restarted worker adopts them)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    # --- Queries ------------------------------------------------------------------------------------
+
+    def instances_of(self, versionId: str) -> list[LocalInstance]:
+        """Return the version's instances, oldest first."""
+        return sorted(
+            (i for i in self._instances.values() if i.versionId == versionId), key=lambda i: i.createdAt
+        )
+
+    def log_tail(self, instance_id: str, lines: int = LOG_TAIL_LINES) -> str | None:
+        """Return the last lines an instance printed."""
+        path = self._logs / f"{instance_id}.log"
+        try:
+            with path.open("rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - 16384))
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            return None
+        return "\n".join(text.splitlines()[-lines:]) or None
+
+    def changed_event(self, versionId: str) -> asyncio.Event:
+        """Return the event set whenever one of the version's instances changes."""
+        return self._changed.setdefault(versionId, asyncio.Event())
+
+    # --- Changes ------------------------------------------------------------------------------------
+
+    async def ensure(self, request: EnsureInstancesInput) -> None:
+        """Remove the listed instances, then start or stop instances until `count` are live."""
+        async with self._lock:
+            for instance_id in request.remove:
+                instance = self._instances.get(instance_id)
+                if instance is not None and instance.versionId == request.ref.versionId:
+                    await self._remove(instance)
+            mine = [i for i in self.instances_of(request.ref.versionId) if i.specIndex == request.specIndex]
+            live = [i for i in mine if i.status != InstanceStatus.ERRORED.value]
+            # Scale-down without a named victim: the newest, still-starting ones go first.
+            surplus = sorted(live, key=lambda i: (i.status == InstanceStatus.RUNNING.value, i.createdAt))
+            for instance in surplus[: max(0, len(live) - request.count)]:
+                await self._remove(instance)
+            for _ in range(request.count - len(live)):
+                self._create(request)
+            self._notify(request.ref.versionId)
+
+    async def remove_version(self, versionId: str) -> None:
+        """Stop and forget every instance of a version."""
+        async with self._lock:
+            for instance in self.instances_of(versionId):
+                await self._remove(instance)
+            self._notify(versionId)
+
+    async def stop_all(self) -> None:
+        """Stop every instance on this machine (used when the embedded stack shuts down)."""
+        async with self._lock:
+            await asyncio.gather(*(self._remove(i) for i in list(self._instances.values())))
+
+    def _create(self, request: EnsureInstancesInput) -> LocalInstance:
+        spec, dspec = request.spec, request.deploymentSpec
+        if not spec.containerArgs:
+            raise ApplicationError(
+                NO_COMMAND_LINE,
+                type="InvalidSpec",
+                non_retryable=True,
+            )
+        instance_id = f"{spec.versionId[:8]}-{random.getrandbits(40):010x}"
+        host = self._free_address(spec.serving_port)
+        health_port = spec.health.port or spec.serving_port
+        instance = LocalInstance(
+            instanceId=instance_id,
+            accountId=request.ref.accountId,
+            functionId=request.ref.functionId,
+            versionId=request.ref.versionId,
+            specIndex=request.specIndex,
+            instanceType=dspec.instanceType,
+            host=host,
+            port=spec.serving_port,
+            healthUrl=f"http://{host}:{health_port}{spec.health.uri}",
+            healthStatus=spec.health.expectedStatusCode,
+            healthTimeout=parse_iso_duration(spec.health.timeout, default=10.0),
+            command=shlex.split(spec.containerArgs),
+            env=self._environment(spec, dspec, request.ref, host, instance_id),
+            createdAt=datetime.now(UTC).isoformat(),
+            startTimeout=self._start_timeout,
+        )
+        self._instances[instance_id] = instance
+        self._try_launch(instance)
+        self._save(instance)
+        return instance
+
+    def _environment(
+        self,
+        spec: FunctionVersionSpec,
+        dspec: DeploymentSpecification,
+        ref: VersionRef,
+        host: str,
+        instance_id: str,
+    ) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFN_")}
+        # Instances find the worker's Python (and the packages of its environment) first on PATH.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        for entry in spec.containerEnvironment or []:
+            env[entry.key] = entry.value
+        for name, sealed in spec.encryptedSecrets.items():
+            env[name] = self._box.open(sealed, secret_context(spec.versionId, name))
+        env.update(
+            {
+                "HOST": host,
+                "PORT": str(spec.serving_port),
+                "NVCF_BACKEND": dspec.backend or dspec.clusterGroup,
+                "NVCF_ENV": "local",
+                "NVCF_FUNCTION_ID": ref.functionId,
+                "NVCF_FUNCTION_NAME": spec.name,
+                "NVCF_FUNCTION_VERSION_ID": ref.versionId,
+                "NVCF_INSTANCETYPE": dspec.instanceType,
+                "NVCF_NCA_ID": ref.accountId,
+                "NVCF_REGION": "local",
+                "NVCF_INSTANCE_ID": instance_id,
+            }
+        )
+        return env
+
+    def _free_address(self, port: int) -> str:
+        taken = {i.host for i in self._instances.values()}
+        for _ in range(1000):
+            # 127.64.0.0/10 keeps clear of 127.0.0.x, which other local services commonly use.
+            host = f"127.{random.randint(64, 127)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+            if host not in taken and _port_free(host, port):
+                return host
+        raise ApplicationError("No free loopback address for a new instance", type="NoAddress")
+
+    def _gpu_for(self, instance: LocalInstance) -> tuple[bool, int | None, str]:
+        """Return (fits, gpu index, reason when it does not fit) for a pending instance."""
+        live = [
+            i
+            for i in self._instances.values()
+            if i.pid is not None and i.status != InstanceStatus.ERRORED.value and i is not instance
+        ]
+        if instance.instanceType == CPU_INSTANCE_TYPE:
+            used = sum(1 for i in live if i.instanceType == CPU_INSTANCE_TYPE)
+            if used >= self._cpu_slots:
+                return (
+                    False,
+                    None,
+                    f"Insufficient capacity: all {self._cpu_slots} {CPU_INSTANCE_TYPE} slots are in use",
+                )
+            return True, None, ""
+        held = {i.gpuIndex for i in live if i.gpuIndex is not None}
+        candidates = [g for g in self._gpus if local_instance_type(g.name) == instance.instanceType]
+        for gpu in candidates:
+            if gpu.index not in held:
+                return True, gpu.index, ""
+        return (
+            False,
+            None,
+            f"Insufficient capacity: {len(candidates)} GPU(s) of type {instance.instanceType} here, "
+            "none free",
+        )
+
+    def _try_launch(self, instance: LocalInstance) -> None:
+        fits, gpu_index, reason = self._gpu_for(instance)
+        if not fits:
+            instance.error = reason
+            return
+        env = dict(instance.env)
+        env["CUDA_VISIBLE_DEVICES"] = "" if gpu_index is None else str(gpu_index)
+        instance.gpuIndex = gpu_index
+        log_path = self._logs / f"{instance.instanceId}.log"
+        try:
+            with log_path.open("ab") as output:
+                process = subprocess.Popen(
+                    instance.command,
+                    env=env,
+                    cwd=self._workdir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    # Its own session: the instance survives a crash of this worker, and stops as a group.
+                    start_new_session=True,
+                )
+        except OSError as err:
+            instance.status = InstanceStatus.ERRORED.value
+            instance.error = f"Could not start {shlex.join(instance.command)}: {err}"
+            return
+        self._children[process.pid] = process
+        instance.pid = process.pid
+        instance.procStart = _proc_start_time(process.pid)
+        instance.startedAt = datetime.now(UTC).isoformat()
+        instance.error = None
+        log.info(
+            "Started instance %s: pid %s on %s:%s",
+            instance.instanceId,
+            process.pid,
+            instance.host,
+            instance.port,
+        )
+
+    async def _remove(self, instance: LocalInstance) -> None:
+        self._instances.pop(instance.instanceId, None)
+        with contextlib.suppress(OSError):
+            (self._dir / f"{instance.instanceId}.json").unlink()
+        if instance.pid is not None:
+            await self._stop_process(instance.pid, instance.procStart)
+        log.info("Removed instance %s", instance.instanceId)
+
+    async def _stop_process(self, pid: int, proc_start: str | None) -> None:
+        if _proc_start_time(pid) != proc_start:
+            self._reap(pid)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE_SECONDS
+        while loop.time() < deadline:
+            self._reap(pid)
+            if _proc_start_time(pid) != proc_start:
+                return
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
+        self._reap(pid)
+
+    def _reap(self, pid: int) -> int | None:
+        """Collect an exited child of this worker; return its exit code if it has exited."""
+        process = self._children.get(pid)
+        if process is None:
+            return None
+        code = process.poll()
+        if code is not None:
+            self._children.pop(pid, None)
+        return code
+
+    def _save(self, instance: LocalInstance) -> None:
+        path = self._dir / f"{instance.instanceId}.json"
+        tmp = path.with_suffix(".tmp")
+        data = asdict(instance)
+        data.pop("lastProbeAt", None)
+        tmp.write_text(json.dumps(data))
+        tmp.chmod(0o600)
+        tmp.rename(path)
+
+    def _notify(self, versionId: str) -> None:
+        event = self._changed.pop(versionId, None)
+        if event is not None:
+            event.set()
+
+    # --- Probing ------------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._check_all()
+            except Exception:
+                log.exception("Instance supervision pass failed")
+            await asyncio.sleep(EXIT_CHECK_SECONDS)
+
+    async def _check_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        probes = []
+        for instance in list(self._instances.values()):
+            if instance.status == InstanceStatus.ERRORED.value:
+                continue
+            if instance.pid is None:
+                async with self._lock:
+                    if instance.instanceId in self._instances:
+                        self._try_launch(instance)
+                        self._save(instance)
+                        if instance.pid is not None or instance.status == InstanceStatus.ERRORED.value:
+                            self._notify(instance.versionId)
+                continue
+            code = self._reap(instance.pid)
+            if _proc_start_time(instance.pid) != instance.procStart:
+                detail = f"exited with code {code}" if code is not None else "exited"
+                self._fail(instance, f"Instance {instance.instanceId} {detail}")
+                continue
+            interval = (
+                STARTING_PROBE_SECONDS
+                if instance.status == InstanceStatus.STARTING.value
+                else RUNNING_PROBE_SECONDS
+            )
+            if now - instance.lastProbeAt >= interval:
+                instance.lastProbeAt = now
+                probes.append(self._probe(instance))
+        if probes:
+            await asyncio.gather(*probes)
+
+    async def _probe(self, instance: LocalInstance) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                instance.healthUrl, timeout=aiohttp.ClientTimeout(total=instance.healthTimeout)
+            ) as response:
+                healthy = response.status == instance.healthStatus
+                reason = f"health check {instance.healthUrl} answered {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as err:
+            healthy, reason = False, f"health check {instance.healthUrl} failed: {err or type(err).__name__}"
+        if instance.instanceId not in self._instances or instance.status == InstanceStatus.ERRORED.value:
+            return
+        if healthy:
+            instance.failedProbes = 0
+            if instance.status == InstanceStatus.STARTING.value:
+                instance.status = InstanceStatus.RUNNING.value
+                instance.error = None
+                self._save(instance)
+                self._notify(instance.versionId)
+            return
+        if instance.status == InstanceStatus.STARTING.value:
+            started = datetime.fromisoformat(instance.startedAt or instance.createdAt)
+            if (datetime.now(UTC) - started).total_seconds() > instance.startTimeout:
+                self._fail(
+                    instance,
+                    f"Instance {instance.instanceId} did not pass its health check within "
+                    f"{instance.startTimeout:.0f} s ({reason})",
+                )
+            return
+        instance.failedProbes += 1
+        if instance.failedProbes >= FAILED_PROBES_BEFORE_ERROR:
+            self._fail(
+                instance, f"Instance {instance.instanceId}: {reason} ({instance.failedProbes} times in a row)"
+            )
+
+    def _fail(self, instance: LocalInstance, error: str) -> None:
+        instance.status = InstanceStatus.ERRORED.value
+        instance.error = error
+        self._save(instance)
+        if instance.pid is not None and _proc_start_time(instance.pid) == instance.procStart:
+            # A failing instance is stopped at once; the workflow decides whether to replace it.
+            asyncio.get_running_loop().create_task(self._stop_process(instance.pid, instance.procStart))
+        log.info("Instance %s failed: %s", instance.instanceId, error)
+        self._notify(instance.versionId)
+
+
+class LocalBackend:
+    """The `Backend` of cluster group `local`: instances are processes run by the `LocalSupervisor`."""
+
+    def __init__(self, supervisor: LocalSupervisor) -> None:
+        self._supervisor = supervisor
+
+    async def prepare(self, request: PrepareInput) -> PrepareResult:
+        """Record the image reference; the local backend runs the command line, so it pulls nothing."""
+        if request.spec.helmChart:
+            raise ApplicationError(
+                "Helm-chart functions need a Kubernetes cluster group; the local backend runs processes",
+                type="InvalidSpec",
+                non_retryable=True,
+            )
+        if not request.spec.containerArgs:
+            raise ApplicationError(
+                NO_COMMAND_LINE,
+                type="InvalidSpec",
+                non_retryable=True,
+            )
+        return PrepareResult(resolvedImage=request.spec.containerImage)
+
+    async def ensure_instances(self, request: EnsureInstancesInput) -> list[InstanceRecord]:
+        """Make the spec have exactly `count` live instances."""
+        await self._supervisor.ensure(request)
+        return await self.observe(request.ref, [])
+
+    async def observe(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> list[InstanceRecord]:
+        """Return the version's instances now."""
+        return [
+            i.record(
+                self._supervisor.log_tail(i.instanceId) if i.status == InstanceStatus.ERRORED.value else None
+            )
+            for i in self._supervisor.instances_of(ref.versionId)
+        ]
+
+    async def wait_for_change(self, ref: VersionRef, max_wait: float) -> None:
+        """Return when one of the version's instances changed, or after `max_wait` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._supervisor.changed_event(ref.versionId).wait(), timeout=max(0.0, max_wait)
+            )
+
+    async def teardown(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> None:
+        """Stop every instance of the version."""
+        await self._supervisor.remove_version(ref.versionId)
+
+
+def parse_local_gpus(text: str) -> list[LocalGpu]:
+    """Parse the `GPUFN_LOCAL_GPUS` override ("H100,H100,L40S") into GPUs numbered from 0."""
+    names = [n.strip() for n in re.split(r"[,\s]+", text) if n.strip()]
+    return [LocalGpu(index=i, name=n) for i, n in enumerate(names) if n.upper() != CPU_GPU_NAME]
+
+
+def stop_recorded_instances(home: Path, grace_seconds: float = STOP_GRACE_SECONDS) -> int:
+    """Stop every instance recorded under `home` (the embedded stack calls this when it shuts down).
+
+    Returns how many instance processes were still running and got stopped.
+    """
+    import time
+
+    records = []
+    for path in (home / "instances").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            records.append((path, LocalInstance(**json.loads(path.read_text()))))
+    alive = [(path, r) for path, r in records if r.pid is not None and _proc_start_time(r.pid) == r.procStart]
+    for _, record in alive:
+        assert record.pid is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(_proc_start_time(r.pid or 0) == r.procStart for _, r in alive):
+        time.sleep(0.05)
+    for _, record in alive:
+        if record.pid is not None and _proc_start_time(record.pid) == record.procStart:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(record.pid, signal.SIGKILL)
+    for path, record in records:
+        if record.status != InstanceStatus.ERRORED.value:
+            record.status = InstanceStatus.ERRORED.value
+            record.error = "Stopped with the stack"
+            with contextlib.suppress(OSError):
+                data = asdict(record)
+                data.pop("lastProbeAt", None)
+                path.write_text(json.dumps(data))
+    return len(alive)

@@ -1,0 +1,82 @@
+"""FastAPI dependencies: the app's shared objects, authentication with scopes, and body parsing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client
+
+from api.auth import KeyCache
+from api.principal import Principal
+from api.problems import ProblemError
+from api.registry import FunctionRegistry
+from api.schemas import describe_validation_error
+from gpufn.sealing import SecretBox
+from gpufn.settings import Settings
+
+MAX_MANAGEMENT_BODY = 1024 * 1024
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+@dataclass
+class AppContext:
+    """What the API's lifespan builds once and every request uses."""
+
+    settings: Settings
+    client: Client
+    keys: KeyCache
+    registry: FunctionRegistry
+    secret_box: SecretBox
+    cluster_groups: Any
+    gateway: Any = None
+    route_sync: Any = None
+
+
+def get_context(request: Request) -> AppContext:
+    """Return the app's shared objects."""
+    context: AppContext = request.app.state.context
+    return context
+
+
+Context = Annotated[AppContext, Depends(get_context)]
+
+
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """Return a dependency that authenticates the caller and checks that the key carries `scope`."""
+
+    async def dependency(request: Request, context: Context) -> Principal:
+        principal = await context.keys.authenticate_fresh(request.headers.get("authorization"))
+        if principal is None:
+            raise ProblemError(
+                401, "Unauthorized access: a valid API key is required (Authorization: Bearer <key>)"
+            )
+        if not principal.allows(scope):
+            raise ProblemError(403, f"Forbidden: the API key lacks the '{scope}' scope")
+        org = request.path_params.get("org")
+        if org is not None and org != principal.account and not principal.admin:
+            raise ProblemError(403, f"Forbidden: the API key does not belong to org '{org}'")
+        return principal
+
+    return dependency
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    """Parse and validate a JSON body; every problem is a 400 with a readable detail."""
+    raw = await request.body()
+    if len(raw) > MAX_MANAGEMENT_BODY:
+        raise ProblemError(413, f"Request body larger than {MAX_MANAGEMENT_BODY} bytes")
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProblemError(400, f"Malformed JSON body: {err}") from err
+    if not isinstance(data, dict):
+        raise ProblemError(400, "The request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ProblemError(400, describe_validation_error(err)) from err

@@ -1,0 +1,146 @@
+"""The API's only way to Temporal for function versions: start, list, describe and update their workflows.
+
+Lists cost one visibility call (the memo carries what a list shows); reading one version is one query;
+changing one is one validated update. Temporal errors become problem details here, at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from temporalio.api.enums.v1 import WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.problems import ProblemError
+from workflows import function_version_workflow_id
+from workflows import search_attributes as sa
+from workflows.function_version import FunctionVersionWorkflow
+from workflows.models import FunctionStatus, FunctionVersionInput, VersionState, VersionView
+from workflows.routes import route_memo, summary_memo
+
+VISIBILITY_SETTLE_SECONDS = 2.0
+"""How long a lookup by function ID retries while a just-created version reaches visibility."""
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def not_found(function_id: str, version_id: str | None, account: str) -> ProblemError:
+    """Return NVCF's 404 for a function or version the account does not have."""
+    if version_id is None:
+        return ProblemError(404, f"Function '{function_id}': Not found for account '{account}'")
+    return ProblemError(
+        404, f"Function '{function_id}' version '{version_id}': Not found for account '{account}'"
+    )
+
+
+class FunctionRegistry:
+    """Function versions as Temporal workflows."""
+
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self._client = client
+        self._task_queue = task_queue
+
+    async def create(self, state: VersionState) -> None:
+        """Start the entity workflow of a new version, with its search attributes and memo."""
+        spec = state.spec
+        await self._client.start_workflow(
+            FunctionVersionWorkflow.run,
+            FunctionVersionInput(state=state),
+            id=function_version_workflow_id(spec.id, spec.versionId),
+            task_queue=self._task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(sa.ACCOUNT, spec.ncaId),
+                    SearchAttributePair(sa.FUNCTION_ID, spec.id),
+                    SearchAttributePair(sa.FUNCTION_NAME, spec.name),
+                    SearchAttributePair(sa.VERSION_ID, spec.versionId),
+                    SearchAttributePair(sa.STATUS, state.status.value),
+                    SearchAttributePair(sa.ROUTES_UPDATED_AT, datetime.now(UTC)),
+                ]
+            ),
+            memo={"summary": summary_memo(state), "route": route_memo(state)},
+            static_summary=f"{spec.name} ({spec.id} version {spec.versionId})",
+        )
+
+    async def list_summaries(self, account: str, function_id: str | None = None) -> list[dict[str, Any]]:
+        """Return the list entries of the account's live versions (of one function, when given)."""
+        query = (
+            f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
+        )
+        if function_id is not None:
+            query += f" AND GpufnFunctionId = {_quote(function_id)}"
+        summaries = []
+        async for execution in self._client.list_workflows(query, page_size=1000):
+            memo = await execution.memo()
+            summary = memo.get("summary")
+            if isinstance(summary, dict):
+                summaries.append(summary)
+        summaries.sort(key=lambda s: (s.get("createdAt", ""), s.get("versionId", "")))
+        return summaries
+
+    async def function_versions(self, account: str, function_id: str) -> list[dict[str, Any]]:
+        """Return a function's versions, waiting briefly for a just-created one to reach visibility."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VISIBILITY_SETTLE_SECONDS
+        while True:
+            versions = await self.list_summaries(account, function_id)
+            if versions or loop.time() >= deadline:
+                return versions
+            await asyncio.sleep(0.1)
+
+    def handle(self, function_id: str, version_id: str) -> WorkflowHandle[FunctionVersionWorkflow, None]:
+        """Return the handle of a version's workflow."""
+        return self._client.get_workflow_handle_for(
+            FunctionVersionWorkflow.run, function_version_workflow_id(function_id, version_id)
+        )
+
+    async def describe(self, account: str, function_id: str, version_id: str) -> VersionState:
+        """Return a version's state, or 404 when the account has no such live version."""
+        try:
+            view = await self.handle(function_id, version_id).query(FunctionVersionWorkflow.describe)
+        except RPCError as err:
+            if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+                raise not_found(function_id, version_id, account) from err
+            raise
+        state = view.state
+        if state.spec.ncaId != account or state.deleted or state.status == FunctionStatus.DELETED:
+            raise not_found(function_id, version_id, account)
+        return state
+
+    async def update(
+        self, account: str, function_id: str, version_id: str, update: Any, argument: Any
+    ) -> VersionState:
+        """Run a validated update of a version's workflow; a rejection becomes a 400 (or 404)."""
+        await self.describe(account, function_id, version_id)
+        try:
+            view: VersionView = await self.handle(function_id, version_id).execute_update(update, argument)
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            kind = cause.type if isinstance(cause, ApplicationError) else None
+            if kind == "LookupError":
+                raise ProblemError(404, message) from err
+            raise ProblemError(400, message) from err
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise not_found(function_id, version_id, account) from err
+            raise
+        return view.state
+
+    async def is_running(self, function_id: str, version_id: str) -> bool:
+        """Return whether the version's workflow is still running."""
+        try:
+            description = await self.handle(function_id, version_id).describe()
+        except RPCError:
+            return False
+        return description.raw_description.workflow_execution_info.status == (
+            WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+        )

@@ -1,0 +1,173 @@
+"""Deployment endpoints (NVCF reference section 3) and the cluster groups they choose from."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from api.deps import AppContext, Context, parse_body, require
+from api.principal import Principal
+from api.problems import ProblemError
+from api.routes.functions import version_json
+from api.schemas import DeploymentRequest
+from gpufn.cluster_groups import InvalidPlacementError
+from workflows.function_version import FunctionVersionWorkflow
+from workflows.models import (
+    DeploymentSpecification,
+    DeployRequest,
+    FunctionVersionSpec,
+    UndeployRequest,
+    UpdateDeploymentRequest,
+    VersionState,
+)
+from workflows.routes import route_memo
+
+router = APIRouter(tags=["deployments"])
+
+Deployer = Annotated[Principal, Depends(require("deploy_function"))]
+ClusterLister = Annotated[Principal, Depends(require("list_cluster_groups"))]
+
+
+def _timestamp(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def deployment_json(state: VersionState) -> dict[str, Any]:
+    """Return NVCF's deployment response, plus gpufn's instances and scaling (why the count is what it is)."""
+    deployment = state.deployment
+    if deployment is None:
+        raise ProblemError(
+            404, f"Deployment for function '{state.spec.id}' version '{state.spec.versionId}' not found"
+        )
+    body: dict[str, Any] = {
+        "functionId": state.spec.id,
+        "functionVersionId": state.spec.versionId,
+        "deploymentId": deployment.deploymentId,
+        "functionName": state.spec.name,
+        "ncaId": state.spec.ncaId,
+        "functionStatus": state.status.value,
+        "deploymentSpecifications": [
+            s.model_dump(mode="json", exclude_none=True, exclude={"clusterGroup"})
+            for s in deployment.specifications
+        ],
+        "createdAt": _timestamp(deployment.createdAt),
+        "lastUpdatedAt": _timestamp(deployment.lastUpdatedAt),
+        "instances": [i.model_dump(mode="json", exclude_none=True) for i in state.instances],
+        "scaling": state.scaling.model_dump(mode="json", exclude_none=True),
+    }
+    if state.healthInfo:
+        body["healthInfo"] = [h.model_dump(exclude_none=True) for h in state.healthInfo]
+    return {"deployment": body}
+
+
+def _specifications(
+    request: DeploymentRequest,
+    spec: FunctionVersionSpec,
+    context: AppContext,
+    existing: list[DeploymentSpecification],
+) -> list[DeploymentSpecification]:
+    """Validate the requested specs against the version and the cluster groups; return them resolved."""
+    specs = []
+    for index, item in enumerate(request.deploymentSpecifications):
+        if item.configuration and not spec.helmChart:
+            raise ProblemError(400, "configuration is only allowed for Helm-chart functions")
+        try:
+            group = context.cluster_groups.resolve(item.gpu, item.instanceType, item.backend, item.clusters)
+        except InvalidPlacementError as err:
+            raise ProblemError(400, str(err)) from err
+        spec_id = existing[index].gpuSpecificationId if index < len(existing) else None
+        specs.append(
+            DeploymentSpecification(
+                **item.model_dump(exclude_none=True),
+                clusterGroup=group,
+                gpuSpecificationId=spec_id or str(uuid.uuid4()),
+            )
+        )
+    return specs
+
+
+def _apply_route(context: AppContext, state: VersionState) -> None:
+    """Show this replica's gateway the change at once; the others see it through visibility."""
+    if context.gateway is not None:
+        context.gateway.routes.apply(route_memo(state))
+
+
+@router.post("/deployments/functions/{function_id}/versions/{version_id}")
+async def create_deployment(
+    function_id: str, version_id: str, request: Request, principal: Deployer, context: Context
+) -> dict[str, Any]:
+    """Deploy a version."""
+    body = await parse_body(request, DeploymentRequest)
+    current = await context.registry.describe(principal.account, function_id, version_id)
+    specs = _specifications(body, current.spec, context, [])
+    state = await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.deploy,
+        DeployRequest(deploymentId=str(uuid.uuid4()), specifications=specs, requestedAt=datetime.now(UTC)),
+    )
+    _apply_route(context, state)
+    return deployment_json(state)
+
+
+@router.get("/deployments/functions/{function_id}/versions/{version_id}")
+async def get_deployment(
+    function_id: str, version_id: str, principal: Deployer, context: Context
+) -> dict[str, Any]:
+    """Return a version's deployment, with healthInfo when instances fail."""
+    state = await context.registry.describe(principal.account, function_id, version_id)
+    return deployment_json(state)
+
+
+@router.put("/deployments/functions/{function_id}/versions/{version_id}")
+async def update_deployment(
+    function_id: str, version_id: str, request: Request, principal: Deployer, context: Context
+) -> dict[str, Any]:
+    """Change min/max instances, maxRequestConcurrency and autoscaling of a deployed version."""
+    body = await parse_body(request, DeploymentRequest)
+    current = await context.registry.describe(principal.account, function_id, version_id)
+    if current.deployment is None:
+        raise ProblemError(
+            400, f"Invalid status {current.status.value}: the function version is not deployed"
+        )
+    if len(body.deploymentSpecifications) > 1:
+        raise ProblemError(
+            400, "Updating several deployment specifications at once is not supported: use PATCH"
+        )
+    specs = _specifications(body, current.spec, context, current.deployment.specifications)
+    state = await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.update_deployment,
+        UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
+    )
+    _apply_route(context, state)
+    return deployment_json(state)
+
+
+@router.delete("/deployments/functions/{function_id}/versions/{version_id}")
+async def delete_deployment(
+    function_id: str, version_id: str, principal: Deployer, context: Context, graceful: bool = False
+) -> dict[str, Any]:
+    """Undeploy a version: at once, or (graceful=true) after its queued and in-flight requests finish."""
+    state = await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.undeploy,
+        UndeployRequest(graceful=graceful),
+    )
+    _apply_route(context, state)
+    return {"function": version_json(state)}
+
+
+@router.get("/clusterGroups")
+async def list_cluster_groups(principal: ClusterLister, context: Context) -> dict[str, Any]:
+    """List the cluster groups with their GPUs and instance types."""
+    body: dict[str, Any] = context.cluster_groups.as_json()
+    return body

@@ -1,0 +1,286 @@
+"""Request bodies of the management API, with every NVCF validation rule (reference section 2.1, 3.2).
+
+Unknown fields are ignored, as NVCF's Jackson mapper does; a wrong type, a broken rule or a malformed
+body becomes a 400 problem whose detail names the field, the rejected value and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gpufn.autoscaling import AutoscalerSettings, AutoscalingConfiguration
+from gpufn.durations import parse_iso_duration
+from workflows.models import ArtifactRef, EnvironmentEntry
+
+NAME_PATTERN = re.compile(r"^[a-z0-9A-Z][a-z0-9A-Z\-_]*$")
+TAG_PATTERN = re.compile(r"^[a-zA-Z0-9\-_:=]+$")
+SECRET_NAME_PATTERN = re.compile(r"^[a-z0-9A-Z][a-z0-9A-Z_.\-]*$")
+RATE_LIMIT_PATTERN = re.compile(r"^(?!.*-([SMHD]).*-\1)[1-9]\d*-[SMHD](,\s*[1-9]\d*-[SMHD])*$")
+MAX_TAGS = 64
+MAX_TAG_LENGTH = 128
+MAX_DESCRIPTION = 256
+MAX_SECRET_VALUE = 32768
+MAX_REQUEST_CONCURRENCY = 16384
+
+
+def validate_tags(tags: list[str]) -> list[str]:
+    """Check NVCF's tag rules and return the tags as a set (duplicates collapse, first order kept)."""
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags")
+    for tag in tags:
+        if not 1 <= len(tag) <= MAX_TAG_LENGTH or not TAG_PATTERN.match(tag):
+            raise ValueError(f"tag '{tag}' must be 1-{MAX_TAG_LENGTH} characters of [a-zA-Z0-9-_:=]")
+    return list(dict.fromkeys(tags))
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: unknown fields ignored, strings not coerced from numbers."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+
+class HealthRequest(RequestModel):
+    """`health`: all five fields are required when the object is given."""
+
+    protocol: Literal["HTTP", "gRPC", "GRPC"]
+    uri: str
+    port: int = Field(gt=0, le=65535)
+    timeout: str
+    expectedStatusCode: int = Field(ge=100, le=599)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _iso_duration(cls, value: str) -> str:
+        seconds = parse_iso_duration(value)
+        if seconds <= 0:
+            raise ValueError("must be a positive ISO-8601 duration such as PT10S")
+        return value
+
+
+class ArtifactRequest(RequestModel):
+    """A `models[]` or `resources[]` entry."""
+
+    name: str = Field(min_length=1)
+    version: str | None = None
+    uri: str | None = None
+
+
+class SecretRequest(RequestModel):
+    """A secret: only its name is ever returned."""
+
+    name: str
+    value: str | dict[str, Any]
+
+    @field_validator("name")
+    @classmethod
+    def _secret_name(cls, value: str) -> str:
+        if not 1 <= len(value) <= 48 or not SECRET_NAME_PATTERN.match(value):
+            raise ValueError("must be 1-48 characters matching ^[a-z0-9A-Z][a-z0-9A-Z_.\\-]*$")
+        return value
+
+    @property
+    def text(self) -> str:
+        """Return the value as stored: JSON objects serialized."""
+        return self.value if isinstance(self.value, str) else json.dumps(self.value)
+
+    @model_validator(mode="after")
+    def _value_length(self) -> SecretRequest:
+        if not 1 <= len(self.text) <= MAX_SECRET_VALUE:
+            raise ValueError(f"secret '{self.name}' value must be 1-{MAX_SECRET_VALUE} characters")
+        return self
+
+
+class TelemetriesRequest(RequestModel):
+    """`telemetries`: at least one id."""
+
+    logsTelemetryId: str | None = None
+    metricsTelemetryId: str | None = None
+    tracesTelemetryId: str | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> TelemetriesRequest:
+        if not (self.logsTelemetryId or self.metricsTelemetryId or self.tracesTelemetryId):
+            raise ValueError(
+                "telemetries needs at least one of logsTelemetryId, metricsTelemetryId, tracesTelemetryId"
+            )
+        return self
+
+
+class RateLimitRequest(RequestModel):
+    """`rateLimit`, e.g. {"rateLimit": "100-S"}."""
+
+    rateLimit: str
+    exemptedNcaIds: list[str] | None = Field(default=None, max_length=32)
+    perNcaIdRate: dict[str, str] | None = None
+    syncCheck: bool = False
+
+    @field_validator("rateLimit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if not RATE_LIMIT_PATTERN.match(value):
+            raise ValueError("must look like 100-S or 10-S,500-M (count-unit, units S M H D, each once)")
+        return value
+
+
+class CreateFunctionRequest(RequestModel):
+    """Body of `POST /v2/nvcf/functions` and `POST /v2/nvcf/functions/{id}/versions`."""
+
+    name: str
+    inferenceUrl: str
+    inferencePort: int | None = Field(default=None, gt=0, le=65535)
+    health: HealthRequest | None = None
+    healthUri: str | None = None
+    containerImage: str | None = None
+    helmChart: str | None = None
+    helmChartServiceName: str | None = None
+    models: list[ArtifactRequest] | None = None
+    resources: list[ArtifactRequest] | None = None
+    containerArgs: str | None = None
+    containerEnvironment: list[EnvironmentEntry] | None = None
+    apiBodyFormat: Literal["PREDICT_V2", "CUSTOM"] = "CUSTOM"
+    functionType: Literal["DEFAULT", "STREAMING"] = "DEFAULT"
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
+    tags: list[str] | None = None
+    secrets: list[SecretRequest] | None = None
+    rateLimit: RateLimitRequest | None = None
+    telemetries: TelemetriesRequest | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not 1 <= len(value) <= 128:
+            raise ValueError("must be 1-128 characters")
+        if not NAME_PATTERN.match(value):
+            raise ValueError("must match ^[a-z0-9A-Z][a-z0-9A-Z\\-_]*$")
+        return value
+
+    @field_validator("inferenceUrl")
+    @classmethod
+    def _inference_url(cls, value: str) -> str:
+        if not value.strip() or not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("must be a URL path such as /echo")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else validate_tags(value)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> CreateFunctionRequest:
+        if not (self.containerImage or self.helmChart or self.models):
+            raise ValueError("Invalid request: one of containerImage, helmChart or models is required")
+        if self.containerImage and self.helmChart:
+            raise ValueError("Invalid request: containerImage and helmChart are mutually exclusive")
+        if bool(self.helmChart) != bool(self.helmChartServiceName):
+            raise ValueError("Invalid request: helmChart and helmChartServiceName must be given together")
+        if self.helmChart and (self.containerArgs is not None or self.containerEnvironment is not None):
+            raise ValueError(
+                "Invalid request: containerArgs and containerEnvironment are not allowed with helmChart"
+            )
+        if self.models:
+            names = [m.name for m in self.models]
+            if len(set(names)) != len(names):
+                raise ValueError("Invalid request: model names must be unique")
+            for model in self.models:
+                if not model.version or not model.uri:
+                    raise ValueError(f"Invalid request: model '{model.name}' needs version and uri")
+        for resource in self.resources or []:
+            if not resource.version or not resource.uri:
+                raise ValueError(f"Invalid request: resource '{resource.name}' needs name, version and uri")
+        if self.secrets:
+            names = [s.name for s in self.secrets]
+            if len(set(names)) != len(names):
+                raise ValueError("Invalid request: duplicate secret names")
+        return self
+
+    def artifacts(self, items: list[ArtifactRequest] | None) -> list[ArtifactRef] | None:
+        """Convert model/resource entries to their stored form."""
+        if items is None:
+            return None
+        return [ArtifactRef(name=i.name, version=i.version, uri=i.uri) for i in items]
+
+
+class UpdateMetadataRequest(RequestModel):
+    """Body of `PUT /v2/nvcf/metadata/functions/{id}/versions/{vid}`: the new tags, replacing the old."""
+
+    tags: list[str]
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        return validate_tags(value)
+
+
+class DeploymentSpecificationRequest(RequestModel):
+    """One GPU specification of a deployment request."""
+
+    gpu: str = Field(min_length=1)
+    instanceType: str = Field(min_length=1)
+    minInstances: int = Field(ge=0)
+    maxInstances: int = Field(ge=1)
+    maxRequestConcurrency: int = Field(default=1, ge=1, le=MAX_REQUEST_CONCURRENCY)
+    backend: str | None = None
+    clusters: list[str] | None = None
+    availabilityZones: list[str] | None = None
+    regions: list[str] | None = None
+    attributes: list[str] | None = None
+    configuration: dict[str, Any] | None = None
+    preferredOrder: int | None = Field(default=None, ge=1, le=99)
+    autoscalingConfiguration: AutoscalingConfiguration | None = None
+    gpufnAutoscaler: AutoscalerSettings | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> DeploymentSpecificationRequest:
+        if self.minInstances > self.maxInstances:
+            raise ValueError("minInstances must be less than or equal to maxInstances")
+        if self.backend and self.clusters:
+            raise ValueError("backend cannot be combined with clusters")
+        return self
+
+
+class DeploymentRequest(RequestModel):
+    """Body of `POST|PUT /v2/nvcf/deployments/functions/{id}/versions/{vid}`."""
+
+    deploymentSpecifications: list[DeploymentSpecificationRequest] = Field(min_length=1)
+
+
+class CreateKeyRequest(RequestModel):
+    """Body of `POST /v2/gpufn/keys`."""
+
+    account: str | None = None
+    """The key's account; only the admin may name another account than its own."""
+    scopes: list[str] = Field(min_length=1)
+    description: str = Field(default="", max_length=256)
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, value: str | None) -> str | None:
+        if value is not None and (not 1 <= len(value) <= 128 or not NAME_PATTERN.match(value)):
+            raise ValueError("must be 1-128 characters matching ^[a-z0-9A-Z][a-z0-9A-Z\\-_]*$")
+        return value
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn a pydantic error into NVCF's "Validation failed: [...]" detail, one entry per problem."""
+    parts = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(p) for p in item["loc"]) or "body"
+        message = item["msg"].removeprefix("Value error, ")
+        rejected = item.get("input")
+        rejected_text = json.dumps(rejected, default=str) if not isinstance(rejected, dict) else "{...}"
+        if len(rejected_text) > 80:
+            rejected_text = rejected_text[:77] + "..."
+        parts.append(f"[field={field}, rejected={rejected_text}, message={message}]")
+    return "Validation failed: " + ", ".join(parts)

@@ -1,0 +1,1 @@
+"""gpufn: serverless GPU functions on your own infrastructure, NVCF-compatible, orchestrated by Temporal."""

@@ -1,0 +1,102 @@
+"""Settings shared by the stack, the worker and the API, read from `GPUFN_*` environment variables."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ADMIN_KEY_FILE = "admin.key"
+SECRET_KEY_FILE = "secret.key"
+
+
+class Settings(BaseSettings):
+    """Every knob of gpufn; each field is the environment variable `GPUFN_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUFN_", env_ignore_empty=True, extra="ignore")
+
+    home: Path = Path(".gpufn")
+    """State directory: Temporal's SQLite file, keys, instance logs."""
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    temporal_port: int = 7233
+    ui_port: int = 8233
+    temporal_address: str | None = None
+    """host:port of the Temporal frontend; defaults to the embedded dev server on temporal_port."""
+    temporal_namespace: str = "default"
+    task_queue: str = "gpufn"
+    admin_key: str | None = None
+    """Bootstrap admin API key; when unset one is generated once and kept in the state directory."""
+    admin_account: str = "gpufn-admin"
+    secret_key: str | None = None
+    """Key sealing function secrets (urlsafe base64 of 32 bytes); generated once when unset."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    gateway_urls: list[str] = Field(default_factory=list)
+    """Base URLs of every API replica, which the worker asks for load and drain state."""
+    local_cpu_slots: int = 8
+    """How many CPU pseudo-GPU instances the local backend runs at once."""
+    local_gpus: str | None = None
+    """Override GPU discovery for the local backend, e.g. "H100,H100" (default: NVML)."""
+    instance_start_timeout: float = 600.0
+    """Seconds an instance may take to pass its first health check before it counts as failed."""
+    deploy_timeout: float = 900.0
+    """Seconds a deployment may stay DEPLOYING before it ends in ERROR."""
+    routes_poll_interval: float = 0.25
+    """Seconds between a gateway's checks of visibility for changed routes."""
+    result_ttl: float = 3600.0
+    """Seconds a finished invocation's result waits for its poll."""
+    result_memory_bytes: int = 512 * 1024 * 1024
+    """Memory bound for finished results waiting for their poll."""
+    max_queue_depth: int = 10_000
+    """Requests a version's queue holds before invocations answer 429."""
+    kubeconfigs: list[Path] = Field(default_factory=list)
+    """Kubeconfig files; each cluster becomes a cluster group served by the Kubernetes backend."""
+
+    @property
+    def temporal_target(self) -> str:
+        """Return the Temporal frontend address to connect to."""
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def api_url(self) -> str:
+        """Return the API's own base URL."""
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.api_host}:{self.api_port}"
+
+    @property
+    def gateways(self) -> list[str]:
+        """Return the API replicas' base URLs (the embedded stack has one)."""
+        return self.gateway_urls or [self.api_url]
+
+    def resolved_admin_key(self) -> str:
+        """Return the admin key: the configured one, or the one generated once into the state directory."""
+        if self.admin_key:
+            return self.admin_key
+        return _read_or_create(self.home / ADMIN_KEY_FILE, lambda: "nvapi-" + secrets.token_urlsafe(48))
+
+    def resolved_secret_key(self) -> str:
+        """Return the secret-sealing key: configured, or generated once into the state directory."""
+        if self.secret_key:
+            return self.secret_key
+        import base64
+
+        return _read_or_create(
+            self.home / SECRET_KEY_FILE, lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        )
+
+
+def _read_or_create(path: Path, make: object) -> str:
+    """Read a one-line secret file, creating it (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert callable(make)
+    value: str = make()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    tmp.chmod(0o600)
+    tmp.rename(path)
+    return value

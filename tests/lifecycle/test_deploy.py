@@ -1,0 +1,97 @@
+"""Deployment lifecycle on the local backend: real dev server, real worker process, real instances."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import httpx
+
+from tests.conftest import Stack, cpu_spec, echo_function, eventually
+
+
+async def create(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
+    response = await stack.http.post("/v2/nvcf/functions", json=body)
+    assert response.status_code == 200, response.text
+    function: dict[str, Any] = response.json()["function"]
+    return function
+
+
+def deployment_path(function: dict[str, Any]) -> str:
+    return f"/v2/nvcf/deployments/functions/{function['id']}/versions/{function['versionId']}"
+
+
+async def deployment(stack: Stack, function: dict[str, Any]) -> dict[str, Any]:
+    response = await stack.http.get(deployment_path(function))
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()["deployment"]
+    return body
+
+
+async def wait_status(stack: Stack, function: dict[str, Any], status: str, timeout: float = 30) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        body = await deployment(stack, function)
+        return body if body["functionStatus"] == status else None
+
+    result: dict[str, Any] = await eventually(check, timeout=timeout)
+    return result
+
+
+async def test_deploy_to_active_and_serve(stack: Stack) -> None:
+    function = await create(stack, echo_function("deploy-active"))
+    response = await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    assert response.status_code == 200, response.text
+    assert response.json()["deployment"]["functionStatus"] == "DEPLOYING"
+    body = await wait_status(stack, function, "ACTIVE")
+    [instance] = body["instances"]
+    assert instance["status"] == "RUNNING"
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(instance["address"] + "/echo", json={"hello": "world"})
+    assert answer.json() == {"hello": "world"}
+
+
+async def test_command_that_exits_ends_in_error_with_its_output(stack: Stack) -> None:
+    function = await create(
+        stack, echo_function("exits-at-once", containerArgs="python -c \"print('model weights missing'); exit(3)\"")
+    )
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    body = await wait_status(stack, function, "ERROR")
+    [info] = body["healthInfo"]
+    assert "exited with code 3" in info["error"]
+    assert "model weights missing" in info["error"]
+    assert info["gpu"] == "CPU" and info["instanceType"] == "LOCAL.CPU"
+
+
+async def test_killed_instance_degrades_then_heals(stack: Stack) -> None:
+    function = await create(stack, echo_function("heals"))
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    body = await wait_status(stack, function, "ACTIVE")
+    [instance] = body["instances"]
+    record = (stack.settings.home / "instances" / f"{instance['instanceId']}.json").read_text()
+    import json
+
+    os.killpg(json.loads(record)["pid"], signal.SIGKILL)
+    seen: list[str] = []
+
+    async def healed() -> bool:
+        current = await deployment(stack, function)
+        seen.append(current["functionStatus"])
+        running = [i for i in current["instances"] if i["status"] == "RUNNING"]
+        return current["functionStatus"] == "ACTIVE" and bool(running) and running[0]["instanceId"] != instance["instanceId"]
+
+    await eventually(healed, timeout=30, interval=0.05)
+    assert "DEGRADED" in seen, seen
+
+
+async def test_undeploy_and_redeploy(stack: Stack) -> None:
+    function = await create(stack, echo_function("redeploy"))
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    await wait_status(stack, function, "ACTIVE")
+    response = await stack.http.delete(deployment_path(function))
+    assert response.status_code == 200, response.text
+    assert response.json()["function"]["status"] == "INACTIVE"
+    assert not list((stack.settings.home / "instances").glob(f"{function['versionId'][:8]}-*.json"))
+    response = await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    assert response.status_code == 200, response.text
+    await wait_status(stack, function, "ACTIVE")

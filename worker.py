@@ -1,0 +1,130 @@
+"""The gpufn worker: runs the lifecycle workflows and their activities against the configured backends.
+
+`python -m worker` (the embedded stack starts it this way). It builds every client once, registers the
+search attributes the workflows use, and polls the task queue until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
+
+from activities.backend import Backend, BackendActivities
+from activities.gateway import GatewayActivities, LoadMonitor
+from activities.local import LocalBackend, LocalSupervisor, parse_local_gpus
+from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus
+from gpufn.sealing import SecretBox
+from gpufn.settings import Settings
+from workflows import search_attributes as sa
+from workflows.function_version import FunctionVersionWorkflow
+from workflows.key_registry import KeyRegistryWorkflow
+
+log = logging.getLogger("gpufn.worker")
+
+MAX_CONCURRENT_ACTIVITIES = 4000
+"""Watcher activities run for as long as a version is deployed, so slots are many and cheap."""
+
+_INDEXED_TYPES = {
+    "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+    "Datetime": IndexedValueType.INDEXED_VALUE_TYPE_DATETIME,
+}
+
+
+async def register_search_attributes(client: Client) -> None:
+    """Register gpufn's search attributes (idempotent; the dev server also gets them on its command line)."""
+    wanted = {
+        key.name: _INDEXED_TYPES["Datetime" if key is sa.ROUTES_UPDATED_AT else "Keyword"] for key in sa.ALL
+    }
+    try:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=client.namespace, search_attributes=wanted)
+        )
+    except RPCError as err:
+        if err.status != RPCStatusCode.ALREADY_EXISTS:
+            raise
+
+
+@asynccontextmanager
+async def build_worker(
+    client: Client, settings: Settings, task_queue: str | None = None
+) -> AsyncIterator[tuple[Worker, LocalSupervisor]]:
+    """Build a worker with its backends and clients; close them on exit."""
+    gpus = parse_local_gpus(settings.local_gpus) if settings.local_gpus is not None else discover_gpus()
+    supervisor = LocalSupervisor(
+        home=settings.home,
+        cpu_slots=settings.local_cpu_slots,
+        gpus=gpus,
+        secret_box=SecretBox(settings.resolved_secret_key()),
+        start_timeout=settings.instance_start_timeout,
+        workdir=Path.cwd(),
+    )
+    await supervisor.start()
+    backends: dict[str, Backend] = {LOCAL_CLUSTER_GROUP: LocalBackend(supervisor)}
+    monitor = LoadMonitor(settings.gateways, settings.resolved_admin_key())
+    backend_activities = BackendActivities(backends)
+    gateway_activities = GatewayActivities(monitor)
+    worker = Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=[FunctionVersionWorkflow, KeyRegistryWorkflow],
+        activities=[
+            backend_activities.prepare,
+            backend_activities.ensure_instances,
+            backend_activities.observe_instances,
+            backend_activities.teardown,
+            gateway_activities.watch_load,
+            gateway_activities.wait_drained,
+        ],
+        max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
+    )
+    try:
+        yield worker, supervisor
+    finally:
+        await monitor.close()
+        await supervisor.close()
+
+
+async def run(settings: Settings) -> None:
+    """Connect, register search attributes, and run the worker until a signal arrives."""
+    client = await Client.connect(
+        settings.temporal_target,
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+    )
+    await register_search_attributes(client)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with build_worker(client, settings) as (worker, _):
+        log.info("Worker polling task queue %s on %s", settings.task_queue, settings.temporal_target)
+        worker_task = asyncio.create_task(worker.run())
+        stop_task = asyncio.create_task(stop.wait())
+        await asyncio.wait([worker_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+        if not worker_task.done():
+            await worker.shutdown()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker_task
+        stop_task.cancel()
+
+
+def main() -> None:
+    """Run the worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(Settings()))
+
+
+if __name__ == "__main__":
+    main()

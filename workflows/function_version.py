@@ -1,0 +1,727 @@
+"""The entity workflow of one function version: registry record, deployment, healing and scaling loop.
+
+One workflow per version, ID `function:{functionId}:{versionId}`, running from registration until the
+version is deleted. Its state (`VersionState`) is the only copy of the version; the API reads it with
+the `describe` query and changes it with validated updates. While deployed, the workflow waits on two
+heartbeating watcher activities (instances, load) that return only when something changed, so a
+deployed version at rest writes nothing to its history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.backend import BackendActivities
+    from activities.gateway import GatewayActivities
+    from gpufn.autoscaling import AutoscalerSettings
+    from workflows import reconcile
+    from workflows import search_attributes as sa
+    from workflows.models import (
+        BUSY_STATUSES,
+        DeleteRequest,
+        Deployment,
+        DeploymentSpecification,
+        DeployRequest,
+        DrainInput,
+        DrainInstanceSignal,
+        EnsureInstancesInput,
+        FunctionStatus,
+        FunctionVersionInput,
+        HealthInfo,
+        InstanceRecord,
+        InstanceStatus,
+        ManualInstancesSignal,
+        ObservedInstances,
+        ObserveInput,
+        PrepareInput,
+        PrepareResult,
+        ReconcileSignal,
+        SpecFailures,
+        TeardownInput,
+        UndeployRequest,
+        UpdateDeploymentRequest,
+        UpdateTagsRequest,
+        VersionRef,
+        VersionState,
+        VersionView,
+        WatchLoadInput,
+        WatchLoadResult,
+    )
+    from workflows.routes import route_memo, summary_memo
+
+# Activity options, chosen deliberately: every call has a heartbeat timeout short enough that a killed
+# worker is noticed in seconds, and retries back off to at most 10 s.
+QUICK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
+ACTION_TIMEOUT = timedelta(minutes=10)
+ACTION_HEARTBEAT = timedelta(seconds=10)
+WATCH_MAX_WAIT_SECONDS = 3600.0
+WATCH_HEARTBEAT = timedelta(seconds=10)
+FAILURES_BEFORE_HEALTH_INFO = 3
+"""Consecutive failures of a spec's instances after which the failure is shown in healthInfo."""
+TEST_HISTORY_LIMIT: int | None = None
+"""Tests set this to force continue-as-new after a few events."""
+
+
+def _spec_failure_text(spec: DeploymentSpecification, instance: InstanceRecord) -> str:
+    text = instance.error or f"instance {instance.instanceId} failed"
+    if instance.logTail:
+        text = f"{text}\nLast log lines of {instance.instanceId}:\n{instance.logTail}"
+    return text
+
+
+@workflow.defn
+class FunctionVersionWorkflow:
+    """Registry record and deployment lifecycle of one function version."""
+
+    @workflow.init
+    def __init__(self, input: FunctionVersionInput) -> None:
+        self._state: VersionState = input.state
+        self._dirty = True
+        self._lock = asyncio.Lock()
+        self._observer: asyncio.Task[ObservedInstances] | None = None
+        self._load_watcher: asyncio.Task[WatchLoadResult] | None = None
+        self._published: tuple[Any, ...] | None = None
+
+    # --- Main loop ----------------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: FunctionVersionInput) -> None:
+        """Keep the version's instances as its deployment asks, until the version is deleted."""
+        self._publish()
+        while not self._state.deleted:
+            if self._state.deployment is None:
+                await self._stop_watchers()
+                await workflow.wait_condition(lambda: self._dirty)
+                self._dirty = False
+            else:
+                self._dirty = False
+                async with self._lock:
+                    if self._state.deployment is not None:
+                        await self._reconcile(self._state.deployment)
+                if self._state.deployment is not None and not self._dirty:
+                    await self._wait_for_change()
+            if self._should_continue_as_new():
+                await self._stop_watchers()
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(FunctionVersionInput(state=self._state))
+        await self._stop_watchers()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        if TEST_HISTORY_LIMIT is not None and info.get_current_history_length() > TEST_HISTORY_LIMIT:
+            return True
+        return info.is_continue_as_new_suggested()
+
+    async def _reconcile(self, deployment: Deployment) -> None:
+        """Bring the instances to the desired counts and recompute the status (runs under the lock)."""
+        if deployment.draining:
+            await self._finish_graceful_undeploy(deployment)
+            return
+        if deployment.prepared is None:
+            prepared = await self._prepare(deployment)
+            if prepared is None:
+                return
+            deployment.prepared = prepared
+        observed = await workflow.execute_activity_method(
+            BackendActivities.observe_instances,
+            ObserveInput(ref=self._ref(), specs=deployment.specifications),
+            start_to_close_timeout=ACTION_TIMEOUT,
+            heartbeat_timeout=ACTION_HEARTBEAT,
+            retry_policy=QUICK_RETRY,
+        )
+        self._apply_observation(observed.instances)
+        if self._state.status == FunctionStatus.ERROR:
+            await self._teardown(deployment)
+            self._state.instances = []
+            self._publish()
+            return
+        await self._converge(deployment)
+        self._refresh_status()
+
+    async def _converge(self, deployment: Deployment) -> None:
+        """Remove failed and drained instances, scale down through a drain, and scale up."""
+        now = workflow.now()
+        desired = self._desired_per_spec(deployment)
+        self._state.desiredPerSpec = desired
+        for index, spec in enumerate(deployment.specifications):
+            mine = [i for i in self._state.instances if i.specIndex == index]
+            failed = [
+                i.instanceId for i in mine if i.status in (InstanceStatus.ERRORED, InstanceStatus.TERMINATED)
+            ]
+            live = [i for i in mine if i.status in reconcile.LIVE_STATUSES]
+            to_drain = [i for i in live if i.instanceId in self._state.drainingInstanceIds]
+            serving = [i for i in live if i.instanceId not in self._state.drainingInstanceIds]
+            surplus = len(serving) - desired[index]
+            if surplus > 0:
+                # Instances still starting go first: they serve nobody yet. Then the newest serving ones.
+                ranked = sorted(
+                    serving,
+                    key=lambda i: (i.status != InstanceStatus.STARTING, -(i.createdAt or now).timestamp()),
+                )
+                to_drain += ranked[:surplus]
+                serving = ranked[surplus:]
+            drained = await self._drain(deployment, spec, to_drain) if to_drain else []
+            failures = self._failures(index)
+            count = len(serving)
+            if count < desired[index]:
+                if failures.retryNotBefore is None or failures.retryNotBefore <= now:
+                    count = desired[index]
+            if failed or drained or count != len(serving) + len(to_drain) - len(drained):
+                observed = await workflow.execute_activity_method(
+                    BackendActivities.ensure_instances,
+                    EnsureInstancesInput(
+                        ref=self._ref(),
+                        spec=self._state.spec,
+                        deploymentSpec=spec,
+                        specIndex=index,
+                        count=count + (len(to_drain) - len(drained)),
+                        remove=failed + drained,
+                        prepared=(deployment.prepared or [PrepareResult()] * (index + 1))[index],
+                    ),
+                    start_to_close_timeout=ACTION_TIMEOUT,
+                    heartbeat_timeout=ACTION_HEARTBEAT,
+                    retry_policy=QUICK_RETRY,
+                )
+                self._state.drainingInstanceIds = [
+                    d for d in self._state.drainingInstanceIds if d not in drained
+                ]
+                self._apply_observation(observed.instances, spec_index=index)
+
+    async def _drain(
+        self, deployment: Deployment, spec: DeploymentSpecification, instances: list[InstanceRecord]
+    ) -> list[str]:
+        """Stop routing to `instances`, wait for their in-flight requests, and return their IDs."""
+        ids = [i.instanceId for i in instances]
+        for instance in instances:
+            if instance.instanceId not in self._state.drainingInstanceIds:
+                self._state.drainingInstanceIds.append(instance.instanceId)
+        self._bump_routes()
+        self._publish()
+        serving = [i for i in instances if i.status != InstanceStatus.STARTING]
+        if serving:
+            await workflow.execute_activity_method(
+                GatewayActivities.wait_drained,
+                DrainInput(
+                    ref=self._ref(),
+                    instanceIds=[i.instanceId for i in serving],
+                    routesVersion=self._state.routesVersion,
+                    timeoutSeconds=self._autoscaler_settings(spec).drainTimeoutSeconds,
+                ),
+                start_to_close_timeout=timedelta(
+                    seconds=self._autoscaler_settings(spec).drainTimeoutSeconds + 60
+                ),
+                heartbeat_timeout=ACTION_HEARTBEAT,
+                retry_policy=QUICK_RETRY,
+            )
+        return ids
+
+    async def _prepare(self, deployment: Deployment) -> list[PrepareResult] | None:
+        """Resolve and pull each spec's artifacts; on a permanent error, end in ERROR with the reason."""
+        results: list[PrepareResult] = []
+        for spec in deployment.specifications:
+            try:
+                result = await workflow.execute_activity_method(
+                    BackendActivities.prepare,
+                    PrepareInput(ref=self._ref(), spec=self._state.spec, deploymentSpec=spec),
+                    start_to_close_timeout=ACTION_TIMEOUT,
+                    heartbeat_timeout=ACTION_HEARTBEAT,
+                    retry_policy=QUICK_RETRY,
+                )
+            except ActivityError as err:
+                cause = err.cause
+                message = cause.message if isinstance(cause, ApplicationError) else str(err)
+                self._state.healthInfo = [
+                    HealthInfo(
+                        gpu=spec.gpu,
+                        backend=spec.backend or spec.clusterGroup,
+                        instanceType=spec.instanceType,
+                        error=message,
+                    )
+                ]
+                self._set_status(FunctionStatus.ERROR)
+                return None
+            results.append(result)
+        return results
+
+    async def _finish_graceful_undeploy(self, deployment: Deployment) -> None:
+        """Wait for the version's queued and in-flight requests, then tear everything down."""
+        spec = deployment.specifications[0]
+        await workflow.execute_activity_method(
+            GatewayActivities.wait_drained,
+            DrainInput(
+                ref=self._ref(),
+                wholeVersion=True,
+                routesVersion=self._state.routesVersion,
+                timeoutSeconds=self._autoscaler_settings(spec).drainTimeoutSeconds,
+            ),
+            start_to_close_timeout=timedelta(
+                seconds=self._autoscaler_settings(spec).drainTimeoutSeconds + 60
+            ),
+            heartbeat_timeout=ACTION_HEARTBEAT,
+            retry_policy=QUICK_RETRY,
+        )
+        await self._undeploy_now(deployment)
+
+    async def _undeploy_now(self, deployment: Deployment) -> None:
+        await self._stop_watchers()
+        await self._teardown(deployment)
+        self._state.deployment = None
+        self._state.instances = []
+        self._state.drainingInstanceIds = []
+        self._state.desiredPerSpec = []
+        self._state.failures = []
+        self._state.scaling.current = 0
+        self._state.scaling.desired = 0
+        self._state.scaling.manualInstances = None
+        if self._state.status != FunctionStatus.DELETED:
+            self._set_status(FunctionStatus.INACTIVE)
+        self._bump_routes()
+        self._publish()
+
+    async def _teardown(self, deployment: Deployment) -> None:
+        await workflow.execute_activity_method(
+            BackendActivities.teardown,
+            TeardownInput(ref=self._ref(), specs=deployment.specifications),
+            start_to_close_timeout=ACTION_TIMEOUT,
+            heartbeat_timeout=ACTION_HEARTBEAT,
+            retry_policy=QUICK_RETRY,
+        )
+
+    # --- Waiting for something to change ------------------------------------------------------------
+
+    async def _wait_for_change(self) -> None:
+        """Wait until an instance changes, the autoscaler wants another count, a handler ran, or a timer."""
+        deployment = self._state.deployment
+        assert deployment is not None
+        if self._observer is None:
+            self._observer = workflow.start_activity_method(
+                BackendActivities.observe_instances,
+                ObserveInput(
+                    ref=self._ref(),
+                    specs=deployment.specifications,
+                    known=self._state.instances,
+                    waitForChange=True,
+                    maxWaitSeconds=WATCH_MAX_WAIT_SECONDS,
+                ),
+                start_to_close_timeout=timedelta(seconds=WATCH_MAX_WAIT_SECONDS + 120),
+                heartbeat_timeout=WATCH_HEARTBEAT,
+                retry_policy=QUICK_RETRY,
+            )
+        if self._load_watcher is None and self._autoscaling_enabled(deployment):
+            self._load_watcher = workflow.start_activity_method(
+                GatewayActivities.watch_load,
+                self._watch_load_input(deployment),
+                start_to_close_timeout=timedelta(seconds=WATCH_MAX_WAIT_SECONDS + 120),
+                heartbeat_timeout=WATCH_HEARTBEAT,
+                retry_policy=QUICK_RETRY,
+            )
+        observer, load_watcher = self._observer, self._load_watcher
+        try:
+            await workflow.wait_condition(
+                lambda: self._dirty or observer.done() or (load_watcher is not None and load_watcher.done()),
+                timeout=self._next_timer(deployment),
+            )
+        except TimeoutError:
+            return
+        if observer.done():
+            self._observer = None
+            try:
+                self._apply_observation(observer.result().instances)
+            except ActivityError as err:
+                workflow.logger.warning("Instance watcher failed, restarting it: %s", err)
+        if load_watcher is not None and load_watcher.done():
+            self._load_watcher = None
+            try:
+                decision = load_watcher.result().decision
+            except ActivityError as err:
+                workflow.logger.warning("Load watcher failed, restarting it: %s", err)
+                decision = None
+            if decision is not None:
+                self._state.scaling.lastDecision = decision
+                self._state.scaling.decidedAt = workflow.now()
+                self._state.scaling.desired = decision.desired
+
+    def _next_timer(self, deployment: Deployment) -> timedelta | None:
+        """Return the time until the next deadline: a heal backoff ending, or the deploy deadline."""
+        now = workflow.now()
+        deadlines: list[datetime] = [
+            f.retryNotBefore
+            for f in self._state.failures
+            if f.retryNotBefore is not None and f.retryNotBefore > now
+        ]
+        if self._state.status == FunctionStatus.DEPLOYING:
+            deadlines.append(deployment.deployStartedAt + timedelta(seconds=deployment.deployTimeoutSeconds))
+        if not deadlines:
+            return None
+        return max(timedelta(milliseconds=10), min(deadlines) - now)
+
+    async def _stop_watchers(self) -> None:
+        for task in (self._observer, self._load_watcher):
+            if task is not None and not task.done():
+                task.cancel()
+        self._observer = None
+        self._load_watcher = None
+
+    def _restart_load_watcher(self) -> None:
+        if self._load_watcher is not None and not self._load_watcher.done():
+            self._load_watcher.cancel()
+        self._load_watcher = None
+
+    # --- Observations and status --------------------------------------------------------------------
+
+    def _apply_observation(self, instances: list[InstanceRecord], spec_index: int | None = None) -> None:
+        """Take the backend's view of the instances (all, or one spec's) and update failures and status."""
+        if spec_index is None:
+            previous = {i.instanceId: i for i in self._state.instances}
+            self._state.instances = instances
+        else:
+            previous = {i.instanceId: i for i in self._state.instances if i.specIndex == spec_index}
+            others = [i for i in self._state.instances if i.specIndex != spec_index]
+            self._state.instances = others + [i for i in instances if i.specIndex == spec_index]
+        deployment = self._state.deployment
+        if deployment is None:
+            return
+        now = workflow.now()
+        for instance in self._state.instances:
+            before = previous.get(instance.instanceId)
+            failures = self._failures(instance.specIndex)
+            if instance.status == InstanceStatus.RUNNING and (
+                before is None or before.status != instance.status
+            ):
+                failures.consecutive = 0
+                failures.retryNotBefore = None
+            if instance.status == InstanceStatus.ERRORED and (
+                before is None or before.status != instance.status
+            ):
+                spec = deployment.specifications[instance.specIndex]
+                failures.consecutive += 1
+                failures.total += 1
+                failures.lastError = _spec_failure_text(spec, instance)
+                failures.retryNotBefore = now + timedelta(
+                    seconds=reconcile.heal_backoff_seconds(failures.consecutive)
+                )
+        self._refresh_health_info(deployment)
+        self._refresh_status()
+
+    def _refresh_status(self) -> None:
+        deployment = self._state.deployment
+        if deployment is None or deployment.draining:
+            return
+        self._state.scaling.current = sum(
+            1
+            for i in self._state.instances
+            if i.status in reconcile.LIVE_STATUSES and i.instanceId not in self._state.drainingInstanceIds
+        )
+        deploy_failed = False
+        if self._state.status == FunctionStatus.DEPLOYING:
+            total_min = reconcile.default_total(deployment.specifications)
+            tried = [i for i in self._state.instances]
+            all_failed = len(tried) >= max(1, total_min) and all(
+                i.status in (InstanceStatus.ERRORED, InstanceStatus.TERMINATED) for i in tried
+            )
+            past_deadline = workflow.now() >= deployment.deployStartedAt + timedelta(
+                seconds=deployment.deployTimeoutSeconds
+            )
+            deploy_failed = all_failed or past_deadline
+            if past_deadline and not all_failed:
+                self._note_deadline(deployment)
+        status = reconcile.next_status(
+            self._state.status, deployment.specifications, self._state.instances, deploy_failed
+        )
+        self._set_status(status)
+        self._publish()
+
+    def _note_deadline(self, deployment: Deployment) -> None:
+        for index in range(len(deployment.specifications)):
+            failures = self._failures(index)
+            if failures.lastError is None:
+                seconds = deployment.deployTimeoutSeconds
+                failures.lastError = f"Instances did not pass their health check within {seconds:.0f} s"
+        self._refresh_health_info(deployment, force=True)
+
+    def _refresh_health_info(self, deployment: Deployment, force: bool = False) -> None:
+        """Show each spec's last failure once it repeats (or at once while deploying)."""
+        entries: list[HealthInfo] = []
+        deploying = self._state.status == FunctionStatus.DEPLOYING
+        for index, spec in enumerate(deployment.specifications):
+            failures = self._failures(index)
+            if failures.lastError is None:
+                continue
+            if force or deploying or failures.consecutive >= FAILURES_BEFORE_HEALTH_INFO:
+                entries.append(
+                    HealthInfo(
+                        gpu=spec.gpu,
+                        backend=spec.backend or spec.clusterGroup,
+                        instanceType=spec.instanceType,
+                        error=failures.lastError,
+                    )
+                )
+        if entries or self._state.status != FunctionStatus.ERROR:
+            self._state.healthInfo = entries
+
+    def _set_status(self, status: FunctionStatus) -> None:
+        if status != self._state.status:
+            workflow.logger.info("Status %s -> %s", self._state.status, status)
+            self._state.status = status
+            self._bump_routes()
+
+    def _failures(self, index: int) -> SpecFailures:
+        while len(self._state.failures) <= index:
+            self._state.failures.append(SpecFailures())
+        return self._state.failures[index]
+
+    # --- Scaling ------------------------------------------------------------------------------------
+
+    def _autoscaler_settings(self, spec: DeploymentSpecification) -> AutoscalerSettings:
+        return spec.gpufnAutoscaler or AutoscalerSettings()
+
+    def _autoscaling_enabled(self, deployment: Deployment) -> bool:
+        if self._state.scaling.manualInstances is not None:
+            return False
+        return any(s.maxInstances > s.minInstances for s in deployment.specifications)
+
+    def _watch_load_input(self, deployment: Deployment) -> WatchLoadInput:
+        specs = deployment.specifications
+        first = specs[0]
+        ready = sum(
+            1
+            for i in self._state.instances
+            if i.status == InstanceStatus.RUNNING and i.instanceId not in self._state.drainingInstanceIds
+        )
+        return WatchLoadInput(
+            ref=self._ref(),
+            # The gateway sends each instance up to its spec's maxRequestConcurrency; use the smallest so
+            # the target per instance is never above what an instance can take.
+            maxRequestConcurrency=min(s.maxRequestConcurrency for s in specs),
+            minInstances=sum(s.minInstances for s in specs),
+            maxInstances=sum(s.maxInstances for s in specs),
+            current=self._current_target_total(deployment),
+            ready=ready,
+            settings=self._autoscaler_settings(first),
+            nvcf=first.autoscalingConfiguration,
+            maxWaitSeconds=WATCH_MAX_WAIT_SECONDS,
+        )
+
+    def _current_target_total(self, deployment: Deployment) -> int:
+        if self._state.scaling.manualInstances is not None:
+            return reconcile.clamp_total(deployment.specifications, self._state.scaling.manualInstances)
+        if self._state.scaling.lastDecision is None:
+            return reconcile.default_total(deployment.specifications)
+        return reconcile.clamp_total(deployment.specifications, self._state.scaling.desired)
+
+    def _desired_per_spec(self, deployment: Deployment) -> list[int]:
+        total = self._current_target_total(deployment)
+        self._state.scaling.desired = total
+        return reconcile.split_total(deployment.specifications, total)
+
+    # --- Publication to visibility (the Web UI, the list endpoints and the gateways) ----------------
+
+    def _bump_routes(self) -> None:
+        self._state.routesVersion += 1
+
+    def _publish(self) -> None:
+        """Upsert the status search attribute and the memo when what they show changed."""
+        summary = summary_memo(self._state)
+        route = route_memo(self._state)
+        key = (self._state.status, self._state.routesVersion, str(summary), str(route))
+        if key == self._published:
+            return
+        changed_status = self._published is None or self._published[0] != self._state.status
+        changed_routes = self._published is None or self._published[1:] != key[1:]
+        self._published = key
+        updates: list[SearchAttributeUpdate[Any]] = []
+        if changed_status:
+            updates.append(sa.STATUS.value_set(self._state.status.value))
+        if changed_routes:
+            updates.append(sa.ROUTES_UPDATED_AT.value_set(workflow.now()))
+        if updates:
+            workflow.upsert_search_attributes(updates)
+        workflow.upsert_memo({"summary": summary, "route": route})
+
+    def _ref(self) -> VersionRef:
+        spec = self._state.spec
+        return VersionRef(accountId=spec.ncaId, functionId=spec.id, versionId=spec.versionId)
+
+    # --- Queries ------------------------------------------------------------------------------------
+
+    @workflow.query
+    def describe(self) -> VersionView:
+        """Return the whole state: spec, status, deployment, instances, scaling, healthInfo."""
+        return VersionView(state=self._state)
+
+    # --- Updates ------------------------------------------------------------------------------------
+
+    @workflow.update
+    async def deploy(self, request: DeployRequest) -> VersionView:
+        """Create the deployment (status DEPLOYING, or ACTIVE when every spec has minInstances 0)."""
+        specs = request.specifications
+        self._state.deployment = Deployment(
+            deploymentId=request.deploymentId,
+            specifications=specs,
+            createdAt=request.requestedAt,
+            lastUpdatedAt=request.requestedAt,
+            deployStartedAt=workflow.now(),
+            deployTimeoutSeconds=self._state.deployment.deployTimeoutSeconds
+            if self._state.deployment
+            else 900.0,
+        )
+        self._state.instances = []
+        self._state.failures = [SpecFailures() for _ in specs]
+        self._state.healthInfo = []
+        self._state.drainingInstanceIds = []
+        self._state.scaling.lastDecision = None
+        self._state.scaling.manualInstances = None
+        self._state.scaling.desired = reconcile.default_total(specs)
+        self._state.desiredPerSpec = reconcile.split_total(specs, self._state.scaling.desired)
+        self._set_status(reconcile.initial_status(specs))
+        self._bump_routes()
+        self._publish()
+        self._dirty = True
+        return VersionView(state=self._state)
+
+    @deploy.validator
+    def _validate_deploy(self, request: DeployRequest) -> None:
+        self._reject_if_deleted()
+        status = self._state.status
+        if status == FunctionStatus.ERROR:
+            raise ValueError(
+                "Function already has a deployment with errors. Delete the deployment before deploying again."
+            )
+        if status in BUSY_STATUSES:
+            raise ValueError(f"Function is {status}: already deployed, use PUT to update the deployment.")
+        if self._state.deployment is not None:
+            raise ValueError("Wait for current deployment to be gracefully completed.")
+
+    @workflow.update
+    async def update_deployment(self, request: UpdateDeploymentRequest) -> VersionView:
+        """Change min/max instances, maxRequestConcurrency and autoscaling of the deployment."""
+        deployment = self._state.deployment
+        assert deployment is not None
+        for current, new in zip(deployment.specifications, request.specifications, strict=True):
+            current.minInstances = new.minInstances
+            current.maxInstances = new.maxInstances
+            current.maxRequestConcurrency = new.maxRequestConcurrency
+            if new.autoscalingConfiguration is not None:
+                current.autoscalingConfiguration = new.autoscalingConfiguration
+            if new.gpufnAutoscaler is not None:
+                current.gpufnAutoscaler = new.gpufnAutoscaler
+        deployment.lastUpdatedAt = request.requestedAt
+        self._state.scaling.desired = reconcile.clamp_total(
+            deployment.specifications, self._state.scaling.desired
+        )
+        self._state.desiredPerSpec = reconcile.split_total(
+            deployment.specifications, self._state.scaling.desired
+        )
+        self._restart_load_watcher()
+        self._bump_routes()
+        self._refresh_status()
+        self._dirty = True
+        return VersionView(state=self._state)
+
+    @update_deployment.validator
+    def _validate_update_deployment(self, request: UpdateDeploymentRequest) -> None:
+        self._reject_if_deleted()
+        deployment = self._state.deployment
+        if self._state.status not in BUSY_STATUSES or deployment is None or deployment.draining:
+            raise ValueError(f"Invalid status {self._state.status}: the function version is not deployed.")
+        if len(request.specifications) != len(deployment.specifications):
+            raise ValueError("The deployment specifications must match the existing deployment.")
+        for current, new in zip(deployment.specifications, request.specifications, strict=True):
+            if (current.gpu, current.instanceType, current.clusterGroup) != (
+                new.gpu,
+                new.instanceType,
+                new.clusterGroup,
+            ) or (current.clusters or []) != (new.clusters or []):
+                raise ValueError(
+                    "gpu, instanceType, backend and clusters cannot change; undeploy and deploy again."
+                )
+
+    @workflow.update
+    async def undeploy(self, request: UndeployRequest) -> VersionView:
+        """Undeploy: INACTIVE at once; forced removes instances now, graceful after the queue drains."""
+        deployment = self._state.deployment
+        assert deployment is not None
+        self._set_status(FunctionStatus.INACTIVE)
+        if request.graceful:
+            deployment.draining = True
+            self._publish()
+            self._dirty = True
+            return VersionView(state=self._state)
+        async with self._lock:
+            if self._state.deployment is not None:
+                await self._undeploy_now(self._state.deployment)
+        self._dirty = True
+        return VersionView(state=self._state)
+
+    @undeploy.validator
+    def _validate_undeploy(self, request: UndeployRequest) -> None:
+        self._reject_if_deleted()
+        if self._state.deployment is None:
+            raise LookupError("The function version is not deployed.")
+
+    @workflow.update
+    async def update_tags(self, request: UpdateTagsRequest) -> VersionView:
+        """Replace the version's tags."""
+        self._state.spec.tags = request.tags
+        self._publish()
+        return VersionView(state=self._state)
+
+    @update_tags.validator
+    def _validate_update_tags(self, request: UpdateTagsRequest) -> None:
+        self._reject_if_deleted()
+
+    @workflow.update
+    async def delete(self, request: DeleteRequest) -> VersionView:
+        """Force-undeploy and delete the version; the workflow then completes."""
+        async with self._lock:
+            self._set_status(FunctionStatus.DELETED)
+            if self._state.deployment is not None:
+                await self._undeploy_now(self._state.deployment)
+            self._state.deleted = True
+            self._publish()
+        self._dirty = True
+        return VersionView(state=self._state)
+
+    @delete.validator
+    def _validate_delete(self, request: DeleteRequest) -> None:
+        self._reject_if_deleted()
+
+    def _reject_if_deleted(self) -> None:
+        if self._state.deleted:
+            raise LookupError("The function version is deleted.")
+
+    # --- Signals (for operators and scripts) --------------------------------------------------------
+
+    @workflow.signal
+    def reconcile_now(self, signal: ReconcileSignal) -> None:
+        """Re-observe the instances and re-apply the desired state now."""
+        self._dirty = True
+
+    @workflow.signal
+    def set_manual_instances(self, signal: ManualInstancesSignal) -> None:
+        """Pin the instance count, overriding the autoscaler until cleared with `count: null`."""
+        if signal.count is not None and signal.count < 0:
+            workflow.logger.warning("Ignoring negative manual instance count %s", signal.count)
+            return
+        self._state.scaling.manualInstances = signal.count
+        self._restart_load_watcher()
+        self._dirty = True
+
+    @workflow.signal
+    def drain_instance(self, signal: DrainInstanceSignal) -> None:
+        """Stop routing to one instance, let its requests finish, then replace it."""
+        known = {i.instanceId for i in self._state.instances}
+        if signal.instanceId not in known:
+            workflow.logger.warning("Ignoring drain of unknown instance %s", signal.instanceId)
+            return
+        if signal.instanceId not in self._state.drainingInstanceIds:
+            self._state.drainingInstanceIds.append(signal.instanceId)
+        self._dirty = True

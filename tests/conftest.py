@@ -89,7 +89,9 @@ class Stack:
         return key
 
 
-def make_settings(home: Path, temporal_address: str, task_queue: str, api_port: int, **extra: Any) -> Settings:
+def make_settings(
+    home: Path, temporal_address: str, task_queue: str, api_port: int, **extra: Any
+) -> Settings:
     return Settings(
         home=home,
         temporal_address=temporal_address,
@@ -139,7 +141,9 @@ async def serve_api(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[No
 @contextlib.asynccontextmanager
 async def running_stack(temporal_address: str, home: Path, **extra: Any) -> AsyncIterator[Stack]:
     """Start a worker process and an API server on a fresh task queue and state directory."""
-    settings = make_settings(home, temporal_address, f"gpufn-test-{uuid.uuid4().hex[:8]}", free_port(), **extra)
+    settings = make_settings(
+        home, temporal_address, f"gpufn-test-{uuid.uuid4().hex[:8]}", free_port(), **extra
+    )
     client = await Client.connect(temporal_address, data_converter=pydantic_data_converter)
     log_path = home / "worker.log"
     home.mkdir(parents=True, exist_ok=True)
@@ -177,7 +181,9 @@ async def stack(temporal_address: str, tmp_path_factory: pytest.TempPathFactory)
         yield running
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1) -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1
+) -> Any:
     """Retry an async check until it returns a truthy value; fail with its last value after `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -187,7 +193,9 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
         if last:
             return last
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s; last value: {last!r}")
+    raise AssertionError(
+        f"condition not met within {timeout} s; last value: {last!r}; check: {check.__qualname__}"
+    )
 
 
 ECHO_ARGS = f"{sys.executable} examples/echo/server.py"
@@ -201,13 +209,24 @@ def echo_function(name: str = "echo", **overrides: Any) -> dict[str, Any]:
         "inferencePort": 8000,
         "containerImage": "example.com/echo:1.0",
         "containerArgs": ECHO_ARGS,
-        "health": {"protocol": "HTTP", "uri": "/health", "port": 8000, "timeout": "PT5S", "expectedStatusCode": 200},
+        "health": {
+            "protocol": "HTTP",
+            "uri": "/health",
+            "port": 8000,
+            "timeout": "PT5S",
+            "expectedStatusCode": 200,
+        },
     }
     body.update(overrides)
     return body
 
 
 def cpu_spec(min_instances: int = 1, max_instances: int = 1, **extra: Any) -> dict[str, Any]:
-    spec = {"gpu": "CPU", "instanceType": "LOCAL.CPU", "minInstances": min_instances, "maxInstances": max_instances}
+    spec = {
+        "gpu": "CPU",
+        "instanceType": "LOCAL.CPU",
+        "minInstances": min_instances,
+        "maxInstances": max_instances,
+    }
     spec.update(extra)
     return {"deploymentSpecifications": [spec]}

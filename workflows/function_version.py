@@ -65,8 +65,6 @@ WATCH_MAX_WAIT_SECONDS = 3600.0
 WATCH_HEARTBEAT = timedelta(seconds=10)
 FAILURES_BEFORE_HEALTH_INFO = 3
 """Consecutive failures of a spec's instances after which the failure is shown in healthInfo."""
-TEST_HISTORY_LIMIT: int | None = None
-"""Tests set this to force continue-as-new after a few events."""
 
 
 def _spec_failure_text(spec: DeploymentSpecification, instance: InstanceRecord) -> str:
@@ -83,6 +81,7 @@ class FunctionVersionWorkflow:
     @workflow.init
     def __init__(self, input: FunctionVersionInput) -> None:
         self._state: VersionState = input.state
+        self._history_limit = input.continueAsNewAfterEvents
         self._dirty = True
         self._lock = asyncio.Lock()
         self._observer: asyncio.Task[ObservedInstances] | None = None
@@ -110,13 +109,15 @@ class FunctionVersionWorkflow:
             if self._should_continue_as_new():
                 await self._stop_watchers()
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(FunctionVersionInput(state=self._state))
+                workflow.continue_as_new(
+                    FunctionVersionInput(state=self._state, continueAsNewAfterEvents=self._history_limit)
+                )
         await self._stop_watchers()
         await workflow.wait_condition(workflow.all_handlers_finished)
 
     def _should_continue_as_new(self) -> bool:
         info = workflow.info()
-        if TEST_HISTORY_LIMIT is not None and info.get_current_history_length() > TEST_HISTORY_LIMIT:
+        if self._history_limit is not None and info.get_current_history_length() > self._history_limit:
             return True
         return info.is_continue_as_new_suggested()
 

@@ -214,6 +214,8 @@ class FunctionVersionInput(BaseModel):
     """Input of the function-version workflow: its whole state (fresh, or carried by continue-as-new)."""
 
     state: VersionState
+    continueAsNewAfterEvents: int | None = None
+    """Continue as new once the history is this long (tests use a small number; default: when suggested)."""
 
 
 # --- Updates and signals ------------------------------------------------------------------------------

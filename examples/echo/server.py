@@ -5,12 +5,14 @@ Optional knobs in a JSON body, so one function can show every invocation behavio
   {"delaySeconds": 2}            answer after a delay (202 + polling when longer than NVCF-POLL-SECONDS)
   {"status": 500, "error": "x"}  answer with that status and {"error": "x"}
   {"stream": 5}                  with Accept: text/event-stream, send 5 events, 0.2 s apart
-Environment: ECHO_DELAY_MS adds a fixed delay to every request (the benchmark's "20 ms function").
+Environment: ECHO_DELAY_MS adds a fixed delay to every request (the benchmark's "20 ms function");
+ECHO_START_SECONDS delays start-up (a model that takes a while to load).
 """
 
 import asyncio
 import json
 import os
+import time
 
 from aiohttp import web
 
@@ -57,6 +59,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
 
 
 def main() -> None:
+    time.sleep(float(os.environ.get("ECHO_START_SECONDS", "0")))
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_get("/health", health)
     app.router.add_get("/v2/health/ready", health)

@@ -9,33 +9,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import Stack, cpu_spec, echo_function, eventually
-
-
-async def create(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
-    response = await stack.http.post("/v2/nvcf/functions", json=body)
-    assert response.status_code == 200, response.text
-    function: dict[str, Any] = response.json()["function"]
-    return function
-
-
-def deployment_path(function: dict[str, Any]) -> str:
-    return f"/v2/nvcf/deployments/functions/{function['id']}/versions/{function['versionId']}"
-
-
-async def deployment(stack: Stack, function: dict[str, Any]) -> dict[str, Any]:
-    response = await stack.http.get(deployment_path(function))
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()["deployment"]
-    return body
-
-
-async def wait_status(stack: Stack, function: dict[str, Any], status: str, timeout: float = 30) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        body = await deployment(stack, function)
-        return body if body["functionStatus"] == status else None
-
-    result: dict[str, Any] = await eventually(check, timeout=timeout)
-    return result
+from tests.lifecycle.helpers import create, deployment, deployment_path, wait_status
 
 
 async def test_deploy_to_active_and_serve(stack: Stack) -> None:
@@ -53,7 +27,8 @@ async def test_deploy_to_active_and_serve(stack: Stack) -> None:
 
 async def test_command_that_exits_ends_in_error_with_its_output(stack: Stack) -> None:
     function = await create(
-        stack, echo_function("exits-at-once", containerArgs="python -c \"print('model weights missing'); exit(3)\"")
+        stack,
+        echo_function("exits-at-once", containerArgs="python -c \"print('model weights missing'); exit(3)\""),
     )
     await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
     body = await wait_status(stack, function, "ERROR")
@@ -78,7 +53,11 @@ async def test_killed_instance_degrades_then_heals(stack: Stack) -> None:
         current = await deployment(stack, function)
         seen.append(current["functionStatus"])
         running = [i for i in current["instances"] if i["status"] == "RUNNING"]
-        return current["functionStatus"] == "ACTIVE" and bool(running) and running[0]["instanceId"] != instance["instanceId"]
+        return (
+            current["functionStatus"] == "ACTIVE"
+            and bool(running)
+            and running[0]["instanceId"] != instance["instanceId"]
+        )
 
     await eventually(healed, timeout=30, interval=0.05)
     assert "DEGRADED" in seen, seen

@@ -1,0 +1,71 @@
+"""Helpers shared by the lifecycle tests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import Stack, eventually
+
+
+async def create(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
+    response = await stack.http.post("/v2/nvcf/functions", json=body)
+    assert response.status_code == 200, response.text
+    function: dict[str, Any] = response.json()["function"]
+    return function
+
+
+def deployment_path(function: dict[str, Any]) -> str:
+    return f"/v2/nvcf/deployments/functions/{function['id']}/versions/{function['versionId']}"
+
+
+def workflow_id(function: dict[str, Any]) -> str:
+    return f"function:{function['id']}:{function['versionId']}"
+
+
+async def deployment(stack: Stack, function: dict[str, Any]) -> dict[str, Any]:
+    response = await stack.http.get(deployment_path(function))
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()["deployment"]
+    return body
+
+
+async def wait_status(
+    stack: Stack, function: dict[str, Any], status: str, timeout: float = 30
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        body = await deployment(stack, function)
+        return body if body["functionStatus"] == status else None
+
+    result: dict[str, Any] = await eventually(check, timeout=timeout)
+    return result
+
+
+async def wait_running(
+    stack: Stack, function: dict[str, Any], count: int, timeout: float = 30
+) -> dict[str, Any]:
+    """Wait until exactly `count` instances are RUNNING and no other instance exists."""
+
+    last: list[dict[str, Any]] = []
+
+    async def check() -> dict[str, Any] | None:
+        body = await deployment(stack, function)
+        last[:] = [body]
+        running = [i for i in body["instances"] if i["status"] == "RUNNING"]
+        return body if len(running) == count == len(body["instances"]) else None
+
+    try:
+        result: dict[str, Any] = await eventually(check, timeout=timeout)
+    except AssertionError as err:
+        raise AssertionError(f"not {count} running instances; last deployment: {last}") from err
+    return result
+
+
+def instance_records(stack: Stack, function: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the local backend's records of the version's instances."""
+    records = []
+    for path in (stack.settings.home / "instances").glob("*.json"):
+        record = json.loads(path.read_text())
+        if record["versionId"] == function["versionId"]:
+            records.append(record)
+    return records

@@ -1,4 +1,4 @@
-"""The embedded stack as `make up` runs it: one command, printed URLs and key, restart keeps functions, TLS."""
+"""The embedded stack as `make up` runs it: printed URLs and key, restarts keep functions, TLS."""
 
 from __future__ import annotations
 

@@ -86,6 +86,23 @@ class FunctionRegistry:
         summaries.sort(key=lambda s: (s.get("createdAt", ""), s.get("versionId", "")))
         return summaries
 
+    async def list_summaries_json(self, account: str, function_id: str | None = None) -> bytes:
+        """Return the list entries as one JSON array, spliced from the memos' raw JSON without re-encoding.
+
+        A thousand versions cost one visibility call and no per-item decoding, which keeps a full list
+        well under half a second on the embedded stack.
+        """
+        query = f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
+        if function_id is not None:
+            query += f" AND GpufnFunctionId = {_quote(function_id)}"
+        entries: list[tuple[datetime, bytes]] = []
+        async for execution in self._client.list_workflows(query, page_size=1000):
+            payload = execution.raw_info.memo.fields.get("summary")
+            if payload is not None and payload.metadata.get("encoding") == b"json/plain":
+                entries.append((execution.start_time, payload.data))
+        entries.sort(key=lambda entry: entry[0])
+        return b"[" + b",".join(data for _, data in entries) + b"]"
+
     async def function_versions(self, account: str, function_id: str) -> list[dict[str, Any]]:
         """Return a function's versions, waiting briefly for a just-created one to reach visibility."""
         loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -121,6 +122,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     if settings.local_gpus is not None:
         env["GPUFN_LOCAL_GPUS"] = settings.local_gpus
+    if settings.kubeconfigs:
+        env["GPUFN_KUBECONFIGS"] = json.dumps([str(path) for path in settings.kubeconfigs])
+    if settings.gateway_urls:
+        env["GPUFN_GATEWAY_URLS"] = json.dumps(settings.gateway_urls)
     return env
 
 

@@ -1,0 +1,544 @@
+"""A throw-away Kubernetes 1.20 cluster on loopback: etcd, the control plane and a fake kubelet.
+
+``TestCluster`` boots etcd, kube-apiserver, kube-controller-manager and kube-scheduler from the binaries that
+``build.sh`` caches, plus ``fake_kubelet.py``, which registers GPU nodes and runs scheduled pods as local
+processes. Every port is picked free at start, every file lives in one temporary directory, and ``stop()``
+kills every process group the cluster started (pod processes included) and removes the directory.
+
+Usage::
+
+    with TestCluster() as cluster:
+        v1 = kubernetes.client.CoreV1Api(cluster.api_client())
+        ...
+
+Run ``python -m tests.cluster.harness`` from the repository root to boot one by hand; it prints the
+kubeconfig path and waits for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from kubernetes import client
+
+from .fake_kubelet import DEFAULT_NODES, NodeConfig, dump_config, get_json
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build.sh"
+FAKE_KUBELET = HERE / "fake_kubelet.py"
+REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be built, booted or reached."""
+
+
+def cache_dir() -> Path:
+    """Where ``build.sh`` keeps the binaries: ``$GPUFN_KUBE_CACHE`` or ``~/.cache/gpufn/kube-1.20.2``."""
+    env = os.environ.get("GPUFN_KUBE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "gpufn" / "kube-1.20.2"
+
+
+def binaries_present(bin_dir: Path | None = None) -> bool:
+    """Whether every binary the cluster needs is in ``bin_dir`` (default: the cache's ``bin/``)."""
+    bin_dir = bin_dir or cache_dir() / "bin"
+    return all(os.access(bin_dir / name, os.X_OK) for name in REQUIRED_BINARIES)
+
+
+def ensure_binaries() -> Path:
+    """Run ``build.sh`` when a binary is missing (minutes, once per machine) and return the bin directory.
+
+    Raises:
+        ClusterError: The build failed.
+    """
+    bin_dir = cache_dir() / "bin"
+    if not binaries_present(bin_dir) or shutil.which("openssl") is None:
+        done = subprocess.run(["bash", str(BUILD_SCRIPT)], check=False)
+        if done.returncode != 0 or not binaries_present(bin_dir):
+            raise ClusterError(f"{BUILD_SCRIPT} failed (exit {done.returncode})")
+    return bin_dir
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now.
+
+    The kernel picks them, so parallel clusters do not collide; all are held open together so that the
+    kernel cannot hand out one port twice.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+class TestCluster:
+    """A local Kubernetes 1.20 cluster with fake GPU nodes; a context manager.
+
+    Args:
+        nodes: Nodes the fake kubelet registers; default two nodes with 8 H100 each.
+        kubelet_settings: Overrides of ``fake_kubelet.KubeletSettings`` fields (e.g. ``{"backoff_max": 2}``);
+            unset fields come from the ``FAKE_KUBELET_*`` environment variables.
+        bin_dir: Directory of the binaries; default the ``build.sh`` cache.
+        keep: Keep the state directory after ``stop()`` for post-mortems; default from ``GPUFN_KUBE_KEEP=1``.
+        boot_timeout: Seconds allowed for the whole boot.
+
+    Attributes:
+        workdir: Temporary directory holding all state and logs (``logs/<component>.log``).
+        kubeconfig_path: Kubeconfig with the admin token (``insecure-skip-tls-verify``, so helm and kubectl
+            work without the CA); set once started.
+        api_url: ``https://127.0.0.1:<port>`` of the API server.
+        token: Static bearer token of an admin in ``system:masters``.
+        ca_cert_path: Certificate of the API server (self-signed; also the cluster's root CA).
+        helm_path: The helm v3 binary.
+    """
+
+    # Keep pytest from collecting this class when a test module imports it.
+    __test__ = False
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeConfig] | None = None,
+        *,
+        kubelet_settings: dict[str, Any] | None = None,
+        bin_dir: Path | None = None,
+        keep: bool | None = None,
+        boot_timeout: float = 90.0,
+    ) -> None:
+        self.nodes = list(nodes) if nodes is not None else list(DEFAULT_NODES)
+        self.kubelet_settings = dict(kubelet_settings or {})
+        self.bin_dir = bin_dir or cache_dir() / "bin"
+        self.keep = keep if keep is not None else os.environ.get("GPUFN_KUBE_KEEP") == "1"
+        self.boot_timeout = boot_timeout
+        self.workdir = Path()
+        self.kubeconfig_path = Path()
+        self.ca_cert_path = Path()
+        self.api_url = ""
+        self.token = secrets.token_hex(16)
+        self.helm_path = self.bin_dir / "helm"
+        self.kubelet_state_dir = Path()
+        self.boot_seconds = 0.0
+        # (what was waited for, seconds since start) for each boot milestone: shows where a slow boot went.
+        self.boot_phases: list[tuple[str, float]] = []
+        self._t0 = 0.0
+        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._started = False
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> TestCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> TestCluster:
+        """Boot every component and wait until pods can be scheduled and run.
+
+        Returns:
+            The cluster itself.
+
+        Raises:
+            ClusterError: A binary is missing, a component died, or the boot timed out. Whatever had
+                started is stopped again before raising.
+        """
+        if self._started:
+            return self
+        missing = [b for b in REQUIRED_BINARIES if not os.access(self.bin_dir / b, os.X_OK)]
+        if missing:
+            raise ClusterError(f"missing {', '.join(missing)} in {self.bin_dir}: run bash {BUILD_SCRIPT}")
+        t0 = self._t0 = time.monotonic()
+        self.workdir = Path(tempfile.mkdtemp(prefix="gpufn-kube-"))
+        self._started = True
+        # Whatever happens to the test process, do not leave a control plane (or pod processes) behind.
+        atexit.register(self.stop)
+        try:
+            self._boot(t0 + self.boot_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.boot_seconds = time.monotonic() - t0
+        return self
+
+    def _boot(self, deadline: float) -> None:
+        wd = self.workdir
+        (wd / "logs").mkdir()
+        pki = wd / "pki"
+        pki.mkdir()
+
+        etcd_port, peer_port, api_port = _free_ports(3)
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        self._spawn(
+            "etcd",
+            [
+                str(self.bin_dir / "etcd"),
+                "--name=gpufn",
+                f"--data-dir={wd / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=gpufn={peer_url}",
+                # A test cluster's data is thrown away: fsync only costs time.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+
+        # Keys while etcd starts. One self-signed certificate serves the API and is the root CA that the
+        # controller-manager puts into service-account token Secrets.
+        self._openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+        self._openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+        self._openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+            "-keyout", str(pki / "tls.key"), "-out", str(pki / "tls.crt"),
+            "-subj", "/CN=gpufn-test-cluster",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc",
+        )  # fmt: skip
+        self.ca_cert_path = pki / "tls.crt"
+        (pki / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+
+        self.api_url = f"https://127.0.0.1:{api_port}"
+        self.kubeconfig_path = wd / "kubeconfig"
+        self._write_kubeconfig()
+
+        self._wait(lambda: _tcp_open(etcd_port), deadline, "etcd to listen")
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(self.bin_dir / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                "--insecure-port=0",
+                f"--cert-dir={wd / 'apiserver'}",
+                f"--tls-cert-file={pki / 'tls.crt'}",
+                f"--tls-private-key-file={pki / 'tls.key'}",
+                f"--token-auth-file={pki / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                # No kubelets or kube-proxy exist: nothing may try to reach node or master addresses.
+                "--endpoint-reconciler-type=none",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--enable-priority-and-fairness=false",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+        )
+        # The fake kubelet's Python start-up (about a second) overlaps the API server's; it retries until
+        # the server answers.
+        kubelet_config = wd / "fake-kubelet.json"
+        kubelet_config.write_text(dump_config(self.nodes, self.kubelet_settings))
+        kubelet_env = dict(os.environ)
+        # A random /16 of loopback per cluster, so two clusters on one machine never share pod IPs.
+        kubelet_env.setdefault("FAKE_KUBELET_IP_PREFIX", f"127.{random.randint(16, 250)}")
+        self.kubelet_state_dir = wd / "kubelet"
+        self._spawn(
+            "fake-kubelet",
+            [
+                sys.executable,
+                "-u",
+                str(FAKE_KUBELET),
+                f"--kubeconfig={self.kubeconfig_path}",
+                f"--state-dir={self.kubelet_state_dir}",
+                f"--config={kubelet_config}",
+                # If this process dies without stop() (SIGKILL), the kubelet tears the cluster down.
+                f"--parent-pid={os.getpid()}",
+                f"--cluster-dir={wd}",
+            ],
+            env=kubelet_env,
+        )
+
+        # The controller-manager and scheduler wait (a bounded time) for the API server's health themselves:
+        # starting them once it serves HTTPS, rather than once it is ready, overlaps their start-up with its
+        # post-start hooks. (Its port accepts connections long before it serves, so that is no signal.)
+        self._wait(lambda: self._apiserver_ready(any_answer=True), deadline, "kube-apiserver to serve")
+
+        controller_manager = [
+            str(self.bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={self.kubeconfig_path}",
+            "--leader-elect=false",
+            # Fake nodes send no heartbeats the node lifecycle controller would accept: keep it off.
+            "--controllers=*,-nodelifecycle",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'tls.crt'}",
+            "--port=0",
+            "--secure-port=0",
+            "--profiling=false",
+            # Else it creates a directory under /usr/libexec; nothing may live outside the state dir.
+            f"--flex-volume-plugin-dir={wd / 'flexvolume'}",
+        ]
+        scheduler = [
+            str(self.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={self.kubeconfig_path}",
+            "--leader-elect=false",
+            "--port=0",
+            "--secure-port=0",
+        ]
+        self._spawn("kube-controller-manager", controller_manager)
+        self._spawn("kube-scheduler", scheduler)
+        self._wait(self._apiserver_ready, deadline, "kube-apiserver /readyz")
+
+        with self.api_client() as api_client:
+            api = client.CoreV1Api(api_client)
+            self._wait(lambda: self._nodes_ready(api), deadline, "fake nodes to be Ready and untainted")
+            # Pods are refused until the ServiceAccount controller has made the default token Secret.
+            self._wait(
+                lambda: self._sa_token_ready(api, "default"), deadline, "the default service account token"
+            )
+
+    def stop(self) -> None:
+        """Kill every process started (fake kubelet and its pods first), then remove the state directory."""
+        if not self._started:
+            return
+        self._started = False
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        procs = dict(self._procs)
+        kubelet = procs.pop("fake-kubelet", None)
+        if kubelet is not None:
+            # SIGTERM lets the kubelet stop its pods' process groups itself.
+            _stop_group(kubelet, timeout=8)
+        # Belt and braces: any pod process group the kubelet left (e.g. it was SIGKILLed) goes too.
+        pid_dir = self.workdir / "kubelet" / "pids"
+        if pid_dir.is_dir():
+            for pidfile in pid_dir.glob("*.pid"):
+                with contextlib.suppress(ValueError, OSError):
+                    os.killpg(int(pidfile.read_text().strip()), signal.SIGKILL)
+        for _name, proc in reversed(self._procs):
+            if proc is not kubelet:
+                _stop_group(proc, timeout=5)
+        self._procs.clear()
+        if self.keep:
+            print(f"test cluster state kept in {self.workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- clients and helpers ---------------------------------------------------------------------------
+
+    def client_configuration(self) -> client.Configuration:
+        """A ``kubernetes`` client configuration for the admin token, verifying the server certificate."""
+        cfg = client.Configuration(
+            host=self.api_url,
+            api_key={"BearerToken": self.token},
+            api_key_prefix={"BearerToken": "Bearer"},
+            ssl_ca_cert=str(self.ca_cert_path),
+        )
+        cfg.connection_pool_maxsize = 32
+        return cfg
+
+    def api_client(self) -> client.ApiClient:
+        """A new synchronous ``kubernetes.client.ApiClient`` for the cluster (close it when done)."""
+        return client.ApiClient(self.client_configuration())
+
+    def helm_env(self) -> dict[str, str]:
+        """Environment for running helm against the cluster, with helm's homes inside the state dir."""
+        home = self.workdir / "helm"
+        env = dict(os.environ)
+        env.update(
+            KUBECONFIG=str(self.kubeconfig_path),
+            HELM_CACHE_HOME=str(home / "cache"),
+            HELM_CONFIG_HOME=str(home / "config"),
+            HELM_DATA_HOME=str(home / "data"),
+        )
+        return env
+
+    def create_namespace(self, name: str, timeout: float = 30.0) -> None:
+        """Create a namespace and wait until pods can be created in it (its default token exists)."""
+        with self.api_client() as api_client:
+            api = client.CoreV1Api(api_client)
+            namespace: Any = {"metadata": {"name": name}}
+            api.create_namespace(namespace)
+            self._wait(
+                lambda: self._sa_token_ready(api, name), time.monotonic() + timeout, f"token in {name}"
+            )
+
+    def pod_log_path(self, namespace: str, pod: str, container: str | None = None) -> Path | None:
+        """The file the fake kubelet writes the pod's output to (newest pod of that name), if any.
+
+        ``kubectl logs`` cannot work here (it dials the kubelet); read this file instead.
+        """
+        pattern = f"{container}.log" if container else "*.log"
+        candidates = sorted(
+            (self.workdir / "kubelet" / "pods" / namespace).glob(f"{pod}-*/{pattern}"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        # A pod name followed by "-<uid8>": make sure "web" does not match "web-2-<uid8>".
+        candidates = [p for p in candidates if p.parent.name.rsplit("-", 1)[0] == pod]
+        return candidates[-1] if candidates else None
+
+    def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
+        """The captured output of a pod's process (empty when it never started)."""
+        path = self.pod_log_path(namespace, pod, container)
+        return path.read_text(errors="replace") if path else ""
+
+    def component_log(self, name: str) -> str:
+        """Log of a component: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, fake-kubelet."""
+        path = self.workdir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with open(self.workdir / "logs" / f"{name}.log", "wb") as log:
+            # Own session and process group: stop() can signal a component and everything it forked.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self._procs.append((name, proc))
+        # The fake kubelet's orphan guard kills these groups should the test process die without stop().
+        pgids = " ".join(str(p.pid) for n, p in self._procs if n != "fake-kubelet")
+        (self.workdir / "components.pgids").write_text(pgids + "\n")
+
+    def _openssl(self, *args: str) -> None:
+        done = subprocess.run(["openssl", *args], capture_output=True, check=False)
+        if done.returncode != 0:
+            raise ClusterError(f"openssl {args[0]} failed: {done.stderr.decode(errors='replace')}")
+
+    def _write_kubeconfig(self) -> None:
+        # JSON is valid YAML, so no YAML library is needed.
+        kubeconfig = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "gpufn-test", "cluster": {"server": self.api_url, "insecure-skip-tls-verify": True}}
+            ],
+            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "gpufn-test",
+                    "context": {"cluster": "gpufn-test", "user": "admin", "namespace": "default"},
+                }
+            ],
+            "current-context": "gpufn-test",
+        }
+        self.kubeconfig_path.write_text(json.dumps(kubeconfig, indent=2))
+        self.kubeconfig_path.chmod(0o600)
+
+    def _wait(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        """Poll ``ready`` until true; fail fast when a component died, or at ``deadline``."""
+        while True:
+            for name, proc in self._procs:
+                if proc.poll() is not None:
+                    raise ClusterError(
+                        f"{name} exited with {proc.returncode} while waiting for {what}:\n{self._tail(name)}"
+                    )
+            try:
+                if ready():
+                    self.boot_phases.append((what, round(time.monotonic() - self._t0, 2)))
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n}:\n{self._tail(n)}" for n, _ in self._procs)
+                raise ClusterError(f"timed out waiting for {what}\n{tails}")
+            time.sleep(0.1)
+
+    def _tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join(self.component_log(name).splitlines()[-lines:])
+
+    def _apiserver_ready(self, any_answer: bool = False) -> bool:
+        """Whether ``/readyz`` says ready; with ``any_answer``, whether the server answers HTTPS at all."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert_path))
+        req = urllib.request.Request(
+            f"{self.api_url}/readyz", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except urllib.error.HTTPError:
+            return any_answer
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _nodes_ready(self, api: client.CoreV1Api) -> bool:
+        wanted = {n.name for n in self.nodes}
+        for node in get_json(api.list_node)["items"]:
+            conditions = node.get("status", {}).get("conditions") or []
+            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            tainted = any(
+                t["key"] == "node.kubernetes.io/not-ready" for t in node["spec"].get("taints") or []
+            )
+            if ready and not tainted:
+                wanted.discard(node["metadata"]["name"])
+        return not wanted
+
+    @staticmethod
+    def _sa_token_ready(api: client.CoreV1Api, namespace: str) -> bool:
+        return any(
+            s.get("type") == "kubernetes.io/service-account-token"
+            and (s["metadata"].get("annotations") or {}).get("kubernetes.io/service-account.name")
+            == "default"
+            for s in get_json(api.list_namespaced_secret, namespace)["items"]
+        )
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a process group, SIGKILL it after ``timeout`` seconds, and reap the leader."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    # The leader is gone; anything else left in its group is not wanted either.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    """Boot a cluster, print how to reach it, and keep it up until Ctrl-C."""
+    ensure_binaries()
+    with TestCluster() as cluster:
+        print(f"cluster up in {cluster.boot_seconds:.1f} s")
+        print(f"export KUBECONFIG={cluster.kubeconfig_path}")
+        print(f"helm: {cluster.helm_path}")
+        print(f"state and logs: {cluster.workdir}")
+        print("Ctrl-C to stop")
+        # Blocked only now: children inherit the signal mask, and they must stay killable.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck unit bench clean
+.PHONY: up test test-cluster lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# The Kubernetes tests need a local control plane built from Debian's sources (cached after the first
+# build in ~/.cache/gpufn); tests/cluster/build.sh installs and builds what is missing.
+test-cluster:
+	bash tests/cluster/build.sh
+
+test: lint typecheck test-cluster
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/invoke.py
 	$(BIN)/python bench/autoscale.py
+	$(BIN)/python bench/list_functions.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

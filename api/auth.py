@@ -16,11 +16,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.principal import ALL_SCOPES, Principal
-from workflows import KEY_REGISTRY_WORKFLOW_ID
+from workflows import KEY_REGISTRY_WORKFLOW_ID, TASK_QUEUE
 from workflows.key_registry import (
     ApiKeyRecord,
     KeyRegistryInput,
@@ -43,6 +45,18 @@ def hash_key(key: str) -> str:
 def new_key() -> str:
     """Return a fresh key that looks like NVCF's personal keys."""
     return KEY_PREFIX + secrets.token_urlsafe(48)
+
+
+def key_registry_workflow_id(task_queue: str) -> str:
+    """Return the ID of the key registry of the stack that serves `task_queue`.
+
+    The registry runs on its stack's task queue, so two stacks sharing one Temporal namespace (tests, a
+    staging stack beside production) must not share one registry: the other stack's registry would be
+    served by workers that may be gone. The default queue keeps the plain ID.
+    """
+    if task_queue == TASK_QUEUE:
+        return KEY_REGISTRY_WORKFLOW_ID
+    return f"{KEY_REGISTRY_WORKFLOW_ID}:{task_queue}"
 
 
 def bearer(header: str | None) -> str | None:
@@ -68,15 +82,21 @@ class KeyCache:
         self._last_refresh = 0.0
         self._task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
+        self._workflow_id = key_registry_workflow_id(task_queue)
+
+    def _handle(self) -> WorkflowHandle[KeyRegistryWorkflow, None]:
+        return self._client.get_workflow_handle_for(KeyRegistryWorkflow.run, self._workflow_id)
 
     async def start(self) -> None:
         """Make sure the registry workflow runs, load the keys, and keep them fresh."""
-        with contextlib.suppress(RPCError):
+        # Every API start after the first finds the registry running: that is the normal case.
+        with contextlib.suppress(RPCError, WorkflowAlreadyStartedError):
             await self._client.start_workflow(
                 KeyRegistryWorkflow.run,
                 KeyRegistryInput(),
-                id=KEY_REGISTRY_WORKFLOW_ID,
+                id=self._workflow_id,
                 task_queue=self._task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             )
         with contextlib.suppress(RPCError):
             await self.refresh()
@@ -121,8 +141,7 @@ class KeyCache:
         """Reload every key from the registry workflow."""
         async with self._refresh_lock:
             self._last_refresh = time.monotonic()
-            handle = self._client.get_workflow_handle_for(KeyRegistryWorkflow.run, KEY_REGISTRY_WORKFLOW_ID)
-            listing = await handle.query(KeyRegistryWorkflow.list_keys)
+            listing = await self._handle().query(KeyRegistryWorkflow.list_keys)
             self._install(listing.keys)
 
     def _install(self, records: list[ApiKeyRecord]) -> None:
@@ -153,13 +172,17 @@ class KeyCache:
             description=description,
             createdAt=datetime.now(UTC),
         )
-        handle = self._client.get_workflow_handle_for(KeyRegistryWorkflow.run, KEY_REGISTRY_WORKFLOW_ID)
-        await handle.execute_update(KeyRegistryWorkflow.create_key, record)
-        self._install([*self._records, record])
+        # Under the refresh lock, so a refresh that read the registry before this change cannot install
+        # its stale list after it (which would hide a new key, or revive a revoked one, for a second).
+        async with self._refresh_lock:
+            await self._handle().execute_update(KeyRegistryWorkflow.create_key, record)
+            self._install([*self._records, record])
         return key, record
 
     async def revoke(self, key_id: str) -> None:
         """Revoke a key everywhere."""
-        handle = self._client.get_workflow_handle_for(KeyRegistryWorkflow.run, KEY_REGISTRY_WORKFLOW_ID)
-        await handle.execute_update(KeyRegistryWorkflow.revoke_key, RevokeKeyRequest(keyId=key_id))
-        self._install([r for r in self._records if r.keyId != key_id])
+        async with self._refresh_lock:
+            await self._handle().execute_update(
+                KeyRegistryWorkflow.revoke_key, RevokeKeyRequest(keyId=key_id)
+            )
+            self._install([r for r in self._records if r.keyId != key_id])

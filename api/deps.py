@@ -46,8 +46,8 @@ def get_context(request: Request) -> AppContext:
 Context = Annotated[AppContext, Depends(get_context)]
 
 
-def require(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """Return a dependency that authenticates the caller and checks that the key carries `scope`."""
+def require(*scopes: str) -> Callable[..., Awaitable[Principal]]:
+    """Return a dependency that authenticates the caller and checks that the key carries one of `scopes`."""
 
     async def dependency(request: Request, context: Context) -> Principal:
         principal = await context.keys.authenticate_fresh(request.headers.get("authorization"))
@@ -55,10 +55,13 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
             raise ProblemError(
                 401, "Unauthorized access: a valid API key is required (Authorization: Bearer <key>)"
             )
-        if not principal.allows(scope):
-            raise ProblemError(403, f"Forbidden: the API key lacks the '{scope}' scope")
+        if not any(principal.allows(scope) for scope in scopes):
+            wanted = " or ".join(f"'{scope}'" for scope in scopes)
+            raise ProblemError(403, f"Forbidden: the API key lacks the {wanted} scope")
         org = request.path_params.get("org")
-        if org is not None and org != principal.account and not principal.admin:
+        # The org of an org-scoped path is the caller's account; the admin key is no exception, since
+        # it acts as its own account everywhere.
+        if org is not None and org != principal.account:
             raise ProblemError(403, f"Forbidden: the API key does not belong to org '{org}'")
         return principal
 
@@ -72,7 +75,7 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         raise ProblemError(413, f"Request body larger than {MAX_MANAGEMENT_BODY} bytes")
     try:
         data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ProblemError(400, f"Malformed JSON body: {err}") from err
     if not isinstance(data, dict):
         raise ProblemError(400, "The request body must be a JSON object")

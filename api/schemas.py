@@ -77,7 +77,7 @@ class ArtifactRequest(RequestModel):
 
 
 class SecretRequest(RequestModel):
-    """A secret: only its name is ever returned."""
+    """A secret: only its name is ever returned, and its value is never echoed, not even in an error."""
 
     name: str
     value: str | dict[str, Any]
@@ -89,16 +89,20 @@ class SecretRequest(RequestModel):
             raise ValueError("must be 1-48 characters matching ^[a-z0-9A-Z][a-z0-9A-Z_.\\-]*$")
         return value
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _secret_value(cls, value: Any) -> Any:
+        if not isinstance(value, str | dict):
+            raise ValueError("must be a string or a JSON object")
+        text = value if isinstance(value, str) else json.dumps(value)
+        if not 1 <= len(text) <= MAX_SECRET_VALUE:
+            raise ValueError(f"must be 1-{MAX_SECRET_VALUE} characters")
+        return value
+
     @property
     def text(self) -> str:
         """Return the value as stored: JSON objects serialized."""
         return self.value if isinstance(self.value, str) else json.dumps(self.value)
-
-    @model_validator(mode="after")
-    def _value_length(self) -> SecretRequest:
-        if not 1 <= len(self.text) <= MAX_SECRET_VALUE:
-            raise ValueError(f"secret '{self.name}' value must be 1-{MAX_SECRET_VALUE} characters")
-        return self
 
 
 class TelemetriesRequest(RequestModel):
@@ -276,11 +280,22 @@ def describe_validation_error(error: ValidationError) -> str:
     """Turn a pydantic error into NVCF's "Validation failed: [...]" detail, one entry per problem."""
     parts = []
     for item in error.errors(include_url=False):
-        field = ".".join(str(p) for p in item["loc"]) or "body"
+        loc = item["loc"]
+        field = ".".join(str(p) for p in loc) or "body"
         message = item["msg"].removeprefix("Value error, ")
         rejected = item.get("input")
-        rejected_text = json.dumps(rejected, default=str) if not isinstance(rejected, dict) else "{...}"
+        if _is_secret_value(loc):
+            rejected_text = "[hidden]"
+        elif isinstance(rejected, dict):
+            rejected_text = "{...}"
+        else:
+            rejected_text = json.dumps(rejected, default=str)
         if len(rejected_text) > 80:
             rejected_text = rejected_text[:77] + "..."
         parts.append(f"[field={field}, rejected={rejected_text}, message={message}]")
     return "Validation failed: " + ", ".join(parts)
+
+
+def _is_secret_value(loc: tuple[int | str, ...]) -> bool:
+    """Return whether an error's input may hold a secret value: anything under `secrets` but a name."""
+    return "secrets" in loc and loc[-1] != "name"

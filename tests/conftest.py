@@ -101,6 +101,8 @@ def make_settings(
         api_port=api_port,
         secret_key="qvKjAhnYcDdx3kMqg2gVn6kBp3rKs0mUtr9vX5bYl5k=",
         instance_start_timeout=extra.pop("instance_start_timeout", 30.0),
+        # A test module deploys many small functions side by side; 8 slots (the default) is too few.
+        local_cpu_slots=extra.pop("local_cpu_slots", 64),
         **extra,
     )
 

@@ -28,7 +28,7 @@ from workflows.routes import function_json
 
 router = APIRouter(tags=["functions"])
 
-Lister = Annotated[Principal, Depends(require("list_functions"))]
+Lister = Annotated[Principal, Depends(require("list_functions", "list_functions_details"))]
 Registrar = Annotated[Principal, Depends(require("register_function"))]
 Updater = Annotated[Principal, Depends(require("update_function"))]
 Deleter = Annotated[Principal, Depends(require("delete_function"))]
@@ -153,13 +153,12 @@ async def create_version(
 
 
 @router.get("/functions")
-async def list_functions(
-    principal: Lister, context: Context, visibility: Visibility = None
-) -> dict[str, Any]:
+async def list_functions(principal: Lister, context: Context, visibility: Visibility = None) -> Response:
     """List every function version of the account."""
     if not _only_private(visibility):
-        return {"functions": []}
-    return {"functions": await context.registry.list_summaries(principal.account)}
+        return Response(b'{"functions":[]}', media_type="application/json")
+    body = await context.registry.list_summaries_json(principal.account)
+    return Response(b'{"functions":' + body + b"}", media_type="application/json")
 
 
 @router.get("/functions/ids")
@@ -176,7 +175,7 @@ async def list_function_ids(
 @router.get("/functions/{function_id}/versions")
 async def list_versions(function_id: str, principal: Lister, context: Context) -> dict[str, Any]:
     """List the versions of one function."""
-    versions = await context.registry.list_summaries(principal.account, function_id)
+    versions = await context.registry.function_versions(principal.account, function_id)
     if not versions:
         raise not_found(function_id, None, principal.account)
     return {"functions": versions}

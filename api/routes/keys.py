@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from email import policy
+from email.parser import BytesParser
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request, Response
+from temporalio.client import WorkflowUpdateFailedError
 
 from api.auth import bearer
 from api.deps import Context, parse_body, require
@@ -14,6 +19,8 @@ from api.schemas import CreateKeyRequest
 from workflows.key_registry import ApiKeyRecord
 
 router = APIRouter(tags=["keys"])
+
+MAX_CALLER_INFO_BODY = 64 * 1024
 
 KeyManager = Annotated[Principal, Depends(require("manage_keys"))]
 
@@ -57,20 +64,45 @@ async def revoke_key(key_id: str, principal: KeyManager, context: Context) -> Re
     record = next((r for r in context.keys.records if r.keyId == key_id), None)
     if record is None or (record.account != principal.account and not principal.admin):
         raise ProblemError(404, f"Key '{key_id}' not found")
-    await context.keys.revoke(key_id)
+    try:
+        await context.keys.revoke(key_id)
+    except WorkflowUpdateFailedError as err:  # revoked meanwhile by another caller
+        raise ProblemError(404, f"Key '{key_id}' not found") from err
     return Response(status_code=204)
+
+
+def _form_field(content_type: str, raw: bytes, name: str) -> str | None:
+    """Return a field of a urlencoded, multipart or JSON body (no form library needed)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "multipart/form-data":
+        header = f"Content-Type: {content_type}\r\n\r\n".encode()
+        message = BytesParser(policy=policy.HTTP).parsebytes(header + raw)
+        if not message.is_multipart():
+            return None
+        for part in message.iter_parts():
+            if part.get_param("name", header="content-disposition") == name:
+                payload = part.get_payload(decode=True)
+                return payload.decode(errors="replace").strip() if isinstance(payload, bytes) else None
+        return None
+    if kind == "application/json":
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        value = data.get(name) if isinstance(data, dict) else None
+        return value if isinstance(value, str) else None
+    values = parse_qs(raw.decode(errors="replace")).get(name)
+    return values[0].strip() if values else None
 
 
 @router.post("/v3/keys/get-caller-info")
 async def get_caller_info(request: Request, context: Context) -> dict[str, Any]:
     """NGC's key introspection: form field `credentials` (or the bearer key) → account and key type."""
-    form = await request.form()
-    credentials = form.get("credentials")
-    key = (
-        credentials
-        if isinstance(credentials, str) and credentials
-        else bearer(request.headers.get("authorization"))
-    )
+    raw = await request.body()
+    if len(raw) > MAX_CALLER_INFO_BODY:
+        raise ProblemError(413, f"Request body larger than {MAX_CALLER_INFO_BODY} bytes")
+    credentials = _form_field(request.headers.get("content-type", ""), raw, "credentials")
+    key = credentials or bearer(request.headers.get("authorization"))
     if not key:
         raise ProblemError(400, "The form field 'credentials' is required")
     principal = await context.keys.authenticate_fresh(f"Bearer {key}")

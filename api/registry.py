@@ -92,7 +92,9 @@ class FunctionRegistry:
         A thousand versions cost one visibility call and no per-item decoding, which keeps a full list
         well under half a second on the embedded stack.
         """
-        query = f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
+        query = (
+            f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
+        )
         if function_id is not None:
             query += f" AND GpufnFunctionId = {_quote(function_id)}"
         entries: list[tuple[datetime, bytes]] = []

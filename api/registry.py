@@ -31,6 +31,14 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _list_query(account: str, function_id: str | None) -> str:
+    """Return the visibility query of an account's live versions (of one function, when given)."""
+    query = f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
+    if function_id is not None:
+        query += f" AND GpufnFunctionId = {_quote(function_id)}"
+    return query
+
+
 def not_found(function_id: str, version_id: str | None, account: str) -> ProblemError:
     """Return NVCF's 404 for a function or version the account does not have."""
     if version_id is None:
@@ -72,13 +80,8 @@ class FunctionRegistry:
 
     async def list_summaries(self, account: str, function_id: str | None = None) -> list[dict[str, Any]]:
         """Return the list entries of the account's live versions (of one function, when given)."""
-        query = (
-            f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
-        )
-        if function_id is not None:
-            query += f" AND GpufnFunctionId = {_quote(function_id)}"
         summaries = []
-        async for execution in self._client.list_workflows(query, page_size=1000):
+        async for execution in self._client.list_workflows(_list_query(account, function_id), page_size=1000):
             memo = await execution.memo()
             summary = memo.get("summary")
             if isinstance(summary, dict):
@@ -92,13 +95,8 @@ class FunctionRegistry:
         A thousand versions cost one visibility call and no per-item decoding, which keeps a full list
         well under half a second on the embedded stack.
         """
-        query = (
-            f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
-        )
-        if function_id is not None:
-            query += f" AND GpufnFunctionId = {_quote(function_id)}"
         entries: list[tuple[datetime, bytes]] = []
-        async for execution in self._client.list_workflows(query, page_size=1000):
+        async for execution in self._client.list_workflows(_list_query(account, function_id), page_size=1000):
             payload = execution.raw_info.memo.fields.get("summary")
             if payload is not None and payload.metadata.get("encoding") == b"json/plain":
                 entries.append((execution.start_time, payload.data))

@@ -120,6 +120,9 @@ async def get_deployment(
 ) -> dict[str, Any]:
     """Return a version's deployment, with healthInfo when instances fail."""
     state = await context.registry.describe(principal.account, function_id, version_id)
+    # What this caller just saw, this replica's gateway serves: an invocation right after a GET that
+    # shows ACTIVE must not wait for the next visibility poll.
+    _apply_route(context, state)
     return deployment_json(state)
 
 

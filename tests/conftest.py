@@ -205,7 +205,7 @@ async def eventually(
     )
 
 
-ECHO_ARGS = f"{sys.executable} examples/echo/server.py"
+ECHO_ARGS = "python examples/echo/server.py"  # the local backend puts the worker's Python first on PATH
 
 
 def echo_function(name: str = "echo", **overrides: Any) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from temporalio.testing import WorkflowEnvironment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.app import create_app  # noqa: E402
-from gpufn.settings import Settings  # noqa: E402
-from gpufn.stack import free_port, temporal_cli  # noqa: E402
-from worker import build_worker  # noqa: E402
-from workflows import search_attributes as sa  # noqa: E402
-from workflows.function_version import FunctionVersionWorkflow  # noqa: E402
+from api.app import create_app
+from gpufn.settings import Settings
+from gpufn.stack import free_port, temporal_cli
+from worker import build_worker
+from workflows import search_attributes as sa
+from workflows.function_version import FunctionVersionWorkflow
 
 TARGET_SECONDS = 0.5
 
@@ -116,11 +116,13 @@ async def main(count: int) -> None:
     p50 = statistics.median(timings)
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}")
     print(
-        f"GET /v2/nvcf/functions with {count} versions: p50 {p50 * 1000:.0f} ms, max {max(timings) * 1000:.0f} ms"
+        f"GET /v2/nvcf/functions with {count} versions: "
+        f"p50 {p50 * 1000:.0f} ms, max {max(timings) * 1000:.0f} ms"
         f" (target < {TARGET_SECONDS * 1000:.0f} ms: {'met' if p50 < TARGET_SECONDS else 'MISSED'})"
     )
     print(
-        f"baseline, one query per version: {per_query * 1000:.1f} ms each → {per_query * count:.2f} s for {count}"
+        f"baseline, one query per version: {per_query * 1000:.1f} ms each "
+        f"→ {per_query * count:.2f} s for {count}"
     )
 
 

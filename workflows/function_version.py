@@ -454,6 +454,22 @@ class FunctionVersionWorkflow:
         deploying = self._state.status == FunctionStatus.DEPLOYING
         for index, spec in enumerate(deployment.specifications):
             failures = self._failures(index)
+            waiting = [
+                i
+                for i in self._state.instances
+                if i.specIndex == index and i.status == InstanceStatus.STARTING and i.error
+            ]
+            if waiting and (failures.lastError is None or deploying):
+                # Instances that cannot start yet (no free GPU, unschedulable, image pull) say why.
+                entries.append(
+                    HealthInfo(
+                        gpu=spec.gpu,
+                        backend=spec.backend or spec.clusterGroup,
+                        instanceType=spec.instanceType,
+                        error=waiting[0].error or "",
+                    )
+                )
+                continue
             if failures.lastError is None:
                 continue
             if force or deploying or failures.consecutive >= FAILURES_BEFORE_HEALTH_INFO:

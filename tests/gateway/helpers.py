@@ -160,13 +160,10 @@ class EchoProcess:
         return self
 
     def stop(self) -> None:
+        # No graceful stop: it would wait for requests the tests left sleeping in the instance.
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+        self.proc.wait()
 
 
 @dataclass

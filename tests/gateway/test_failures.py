@@ -142,3 +142,21 @@ async def test_status_polls_are_forwarded_to_the_replica_holding_the_request(ech
         assert (await status(b, queued)).json() == {"n": 1}
         assert (await status(b, running, poll=0)).status_code == 404  # returned once, through either replica
         assert (await status(a, queued, poll=0)).status_code == 404
+
+
+async def test_requests_past_their_timeout_fail_with_504(echo_urls: list[str]) -> None:
+    async with serve_gateway(settings(request_timeout_seconds=0.5)) as short:
+        fid, vid = uid(), uid("ver")
+        short.apply(route(vid, echo_urls[:1], function_id=fid, concurrency=1))
+        running = asyncio.create_task(
+            short.http.post(pexec(fid), json={"delaySeconds": 3}, headers={"NVCF-POLL-SECONDS": "5"})
+        )
+        await eventually(lambda: short.load(vid)["inFlight"] == 1)
+        queued = await submit(short, fid, {"n": 1})
+
+        timed_out = await running
+        assert timed_out.status_code == 504
+        assert timed_out.headers["nvcf-status"] == "errored"
+        waited = await status(short, queued)
+        assert waited.status_code == 504  # never started: its budget ran out in the queue
+        assert waited.headers["nvcf-reqid"] == queued

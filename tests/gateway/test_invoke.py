@@ -90,7 +90,7 @@ async def test_slow_function_answers_202_then_the_poll_200_then_404(gw: Served, 
 
     started = time.monotonic()
     response = await gw.http.post(pexec(fid), json={"delaySeconds": 1.5}, headers={"NVCF-POLL-SECONDS": "1"})
-    assert 0.9 <= time.monotonic() - started < 2.5  # the 1 s window, not the 1.5 s function
+    assert 0.9 <= time.monotonic() - started < 2.5
     assert response.status_code == 202
     assert response.headers["nvcf-status"] == "in-progress"
     reqid = response.headers["nvcf-reqid"]

@@ -1,0 +1,653 @@
+"""The invocation gateway's HTTP face: NVCF's pexec, status and queue endpoints, served at the ASGI level.
+
+`Gateway.handle` runs before (and instead of) FastAPI for its paths, so an invocation costs a path split,
+a few dict lookups, the `Authenticate` call and the forwarding itself: no routing tables, dependency
+injection or model validation per request.
+
+Paths (each also under /v2/orgs/{org}/ and /v2/orgs/{org}/teams/{team}/, where org must be the caller's
+account):
+
+* POST /v2/nvcf/pexec/functions/{functionId}[/versions/{versionId}]  (scope invoke_function)
+* GET  /v2/nvcf/pexec/status/{requestId}                            (scope invoke_function)
+* GET  /v2/nvcf/queues/functions/{functionId}[/versions/{versionId}] (scope queue_details)
+* GET  /v2/nvcf/queues/{requestId}/position                         (scope queue_details)
+
+`load_snapshot()` is the body of GET /internal/v1/load, which the API serves (admin keys only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from api.gateway.dispatcher import Dispatcher, QueueFull, response_headers
+from api.gateway.invocations import (
+    CLAIMED,
+    CLIENT_GONE,
+    DONE,
+    POLL_EXPIRED,
+    QUEUED,
+    STREAM_BROKEN,
+    STREAMED,
+    HeaderList,
+    Invocation,
+    Receive,
+    Result,
+    Send,
+    Waiter,
+    new_request_id,
+)
+from api.gateway.routes import RouteTable, VersionRoute
+from api.gateway.settings import GatewaySettings
+from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
+from api.principal import Authenticate, Principal
+from api.problems import PROBLEM_CONTENT_TYPE, problem_bytes
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+LOAD_PATH = "/internal/v1/load"
+FORWARDED_HEADER = b"x-gpufn-forwarded"
+"""Marks a status or position poll forwarded by another replica (never forwarded again)."""
+
+INVOKE_SCOPE = "invoke_function"
+QUEUE_SCOPE = "queue_details"
+
+_JSON = (b"content-type", b"application/json")
+_PROBLEM = (b"content-type", PROBLEM_CONTENT_TYPE.encode())
+_DEFAULT_CONTENT_TYPE = b"content-type: application/json\r\n"
+
+# Client headers that never reach the instance: hop-by-hop ones, those the gateway sets itself, the
+# caller's key, and the NVCF headers the platform owns (reference 5.8).
+_DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"host",
+        b"content-length",
+        b"nvcf-reqid",
+        b"nvcf-sub",
+        b"nvcf-ncaid",
+        b"nvcf-function-name",
+        b"nvcf-function-id",
+        b"nvcf-function-version-id",
+        b"nvcf-asset-dir",
+        b"nvcf-large-output-dir",
+        b"nvcf-max-response-size-bytes",
+        b"nvcf-nspectid",
+        b"nvcf-backend",
+        b"nvcf-instancetype",
+        b"nvcf-region",
+        b"nvcf-env",
+        b"nvcf-invocation-region",
+        b"nvcf-poll-seconds",
+        b"nvcf-function-asset-ids",
+        FORWARDED_HEADER,
+    }
+)
+
+
+def replica_tag(replica_id: str) -> str:
+    """Return the 12 hex digits that request ids of `replica_id` end with."""
+    return hashlib.sha256(replica_id.encode()).hexdigest()[:12]
+
+
+async def send_json(send: Send, status: int, body: Any, headers: HeaderList | None = None) -> None:
+    """Send a JSON answer."""
+    data = json.dumps(body).encode()
+    out = [_JSON, (b"content-length", b"%d" % len(data))]
+    if headers:
+        out.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def send_problem(send: Send, status: int, detail: str, headers: HeaderList | None = None) -> None:
+    """Send a problem-details answer (raised before the request was accepted: no NVCF-REQID)."""
+    data = problem_bytes(status, detail)
+    out = [_PROBLEM, (b"content-length", b"%d" % len(data))]
+    if headers:
+        out.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _Refused(Exception):
+    """An expected refusal, answered with problem details."""
+
+    def __init__(self, status: int, detail: str, headers: HeaderList | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+class Gateway:
+    """The data plane of one API replica: accepts invocations, queues them per version, forwards them.
+
+    Args:
+        authenticate: Turns an Authorization header into a principal; called on every request.
+        settings: Limits, poll windows, result retention, this replica's id and its peers.
+
+    Attributes:
+        routes: The routing table; feed it with `apply(route_memo)` and `remove(version_id)`.
+        settings: The settings in use.
+    """
+
+    def __init__(self, authenticate: Authenticate, settings: GatewaySettings | None = None) -> None:
+        self.settings = settings or GatewaySettings()
+        self._authenticate = authenticate
+        self._dispatcher = Dispatcher(self.settings)
+        self.routes: RouteTable = self._dispatcher.routes
+        self._tag = replica_tag(self.settings.replica_id)
+        self._peers: dict[str, Endpoint] = {
+            replica_tag(replica_id): Endpoint(url)
+            for replica_id, url in self.settings.peers.items()
+            if replica_id != self.settings.replica_id
+        }
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """Return the dispatcher (queues, results), for tests and diagnostics."""
+        return self._dispatcher
+
+    async def start(self) -> None:
+        """Start the background sweeps. Call once the event loop that serves requests runs."""
+        await self._dispatcher.start()
+
+    async def close(self) -> None:
+        """Stop: fail queued requests, end calls in flight, close connections to instances."""
+        await self._dispatcher.close()
+
+    def load_snapshot(self) -> dict[str, Any]:
+        """Return the body of GET /internal/v1/load: every routed version's queued/in-flight/ready load."""
+        return self.routes.load_snapshot()
+
+    # --- ASGI ---------------------------------------------------------------------------------------
+
+    def asgi_app(self, fallback: ASGIApp | None = None) -> ASGIApp:
+        """Return an ASGI app that serves the gateway's paths and hands every other request to `fallback`.
+
+        Without a fallback, the app also serves GET /internal/v1/load (admin keys only), other paths are a
+        404, and it runs the gateway's own lifespan (start and close); with one, lifespan events go to the
+        fallback, whose lifespan must call start and close.
+        """
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and await self.handle(scope, receive, send):
+                return
+            if fallback is None and scope["type"] == "http" and scope["path"] == LOAD_PATH:
+                await self._guard(self._load(scope, send), send)
+                return
+            if fallback is not None:
+                await fallback(scope, receive, send)
+            elif scope["type"] == "http":
+                await send_problem(send, 404, "Not found")
+            elif scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+
+        return app
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve an ASGI request on the gateway's paths; for any other path send nothing, return False."""
+        if scope["type"] != "http":
+            return False
+        path: str = scope["path"]
+        if path.startswith("/v2/"):
+            parts = path.split("/")
+            org: str | None = None
+            if parts[2] == "orgs":
+                if len(parts) < 6:
+                    return False
+                org = parts[3]
+                rest = parts[6:] if parts[4] == "teams" else parts[4:]
+            else:
+                rest = parts[2:]
+            count = len(rest)
+            if count < 4 or rest[0] != "nvcf":
+                return False
+            section = rest[1]
+            if section == "pexec":
+                if rest[2] == "functions" and (count == 4 or (count == 6 and rest[4] == "versions")):
+                    version_id = rest[5] if count == 6 else None
+                    await self._guard(self._invoke(scope, receive, send, org, rest[3], version_id), send)
+                    return True
+                if count == 4 and rest[2] == "status":
+                    await self._guard(self._status(scope, receive, send, org, rest[3]), send)
+                    return True
+            elif section == "queues":
+                if rest[2] == "functions" and (count == 4 or (count == 6 and rest[4] == "versions")):
+                    version_id = rest[5] if count == 6 else None
+                    await self._guard(self._queues(scope, send, org, rest[3], version_id), send)
+                    return True
+                if count == 4 and rest[3] == "position":
+                    await self._guard(self._position(scope, send, org, rest[2]), send)
+                    return True
+            return False
+        return False
+
+    async def _guard(self, handler: Awaitable[None], send: Send) -> None:
+        # Expected refusals become problem details; anything else is logged and, if nothing was sent
+        # yet, answered with a 500 problem (uvicorn would otherwise answer a bare text 500).
+        try:
+            await handler
+        except _Refused as refused:
+            await send_problem(send, refused.status, refused.detail, refused.headers)
+        except Exception:
+            log.exception("Gateway request failed")
+            # Fails if the response had started; the server then closes the connection instead.
+            with contextlib.suppress(Exception):
+                await send_problem(send, 500, "The gateway failed while handling the request")
+
+    # --- shared checks ------------------------------------------------------------------------------
+
+    def _principal(self, authorization: bytes | None, scope_name: str, org: str | None) -> Principal:
+        principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
+        if principal is None:
+            detail = (
+                "Header of type `authorization` was missing"
+                if authorization is None
+                else "Unauthorized access"
+            )
+            raise _Refused(401, detail, [(b"www-authenticate", b"Bearer")])
+        if not principal.allows(scope_name):
+            raise _Refused(403, f"The key does not carry the '{scope_name}' scope")
+        if org is not None and org != principal.account and not principal.admin:
+            raise _Refused(403, f"The key does not belong to organization '{org}'")
+        return principal
+
+    def _poll_seconds(self, raw: bytes | None) -> int:
+        if raw is None:
+            return self.settings.default_poll_seconds
+        value = raw.strip()
+        if not value.isdigit() or int(value) > self.settings.max_poll_seconds:
+            raise _Refused(
+                400,
+                "NVCF-POLL-SECONDS must be a whole number of seconds "
+                f"from 0 to {self.settings.max_poll_seconds}",
+            )
+        return int(value)
+
+    @staticmethod
+    def _visible(version: VersionRoute, principal: Principal) -> bool:
+        return principal.admin or version.account_id == principal.account
+
+    def _select(self, principal: Principal, function_id: str, version_id: str | None) -> VersionRoute:
+        """Return the version to invoke: the pinned one, or a random invocable one of the function."""
+        if version_id is None:
+            siblings = self.routes.function_versions(function_id)
+            if len(siblings) == 1:
+                # The common case: one version, visible and invocable.
+                only = siblings[0]
+                if only.invocable and (only.account_id == principal.account or principal.admin):
+                    return only
+            candidates = [v for v in siblings if self._visible(v, principal)]
+            invocable = [v for v in candidates if v.invocable]
+            if len(invocable) == 1:
+                return invocable[0]
+            if invocable:
+                return random.choice(invocable)
+            if any(v.degraded for v in candidates):
+                raise _Refused(400, f"Function id '{function_id}': DEGRADED function cannot be invoked")
+            raise _Refused(
+                404,
+                f"Function id '{function_id}': Specified function in account "
+                f"'{principal.account}' is not found",
+            )
+        version = self.routes.get(version_id)
+        if version is None or version.function_id != function_id or not self._visible(version, principal):
+            raise _Refused(
+                404,
+                f"Function id '{function_id}' version '{version_id}': Specified function in account "
+                f"'{principal.account}' is not found",
+            )
+        if not version.invocable:
+            if version.degraded:
+                raise _Refused(
+                    400,
+                    f"Function id '{function_id}' version '{version_id}': "
+                    "DEGRADED function cannot be invoked",
+                )
+            raise _Refused(
+                404,
+                f"Function id '{function_id}' version '{version_id}': Specified function in account "
+                f"'{principal.account}' is not found (status {version.status})",
+            )
+        return version
+
+    # --- invocation ---------------------------------------------------------------------------------
+
+    async def _invoke(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        org: str | None,
+        function_id: str,
+        version_id: str | None,
+    ) -> None:
+        if scope["method"] != "POST":
+            raise _Refused(405, "Invocations are POST requests", [(b"allow", b"POST")])
+        authorization: bytes | None = None
+        poll_raw: bytes | None = None
+        length_raw: bytes | None = None
+        accept_stream = False
+        has_content_type = False
+        connection_tokens: bytes | None = None
+        forwarded: list[bytes] = []
+        dropped = _DROPPED_REQUEST_HEADERS
+        for name, value in scope["headers"]:
+            if name in dropped:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"nvcf-poll-seconds":
+                    poll_raw = value
+                elif name == b"content-length":
+                    length_raw = value
+                elif name == b"connection":
+                    connection_tokens = value
+                continue
+            if name == b"accept":
+                accept_stream = b"text/event-stream" in value
+            elif name == b"content-type":
+                has_content_type = True
+            forwarded.extend((name, b": ", value, b"\r\n"))
+        principal = self._principal(authorization, INVOKE_SCOPE, org)
+        version = self._select(principal, function_id, version_id)
+        poll = self._poll_seconds(poll_raw)
+        limit = self.settings.max_request_bytes
+        if length_raw is not None and (not length_raw.isdigit() or int(length_raw) > limit):
+            if not length_raw.isdigit():
+                raise _Refused(400, "Invalid Content-Length")
+            raise _Refused(413, f"The request body exceeds {limit} bytes; pass large inputs as assets")
+        body = await self._read_body(receive, limit)
+        if body is None:
+            return  # the client left while sending
+        if connection_tokens is not None:
+            forwarded = _drop_connection_tokens(forwarded, connection_tokens)
+        if not has_content_type:
+            forwarded.append(_DEFAULT_CONTENT_TYPE)
+        invocation = Invocation(
+            new_request_id(self._tag),
+            version,
+            principal.account,
+            principal.key_id.encode(),
+            body,
+            b"".join(forwarded),
+            accept_stream,
+            self.settings.request_timeout_seconds,
+        )
+        try:
+            self._dispatcher.submit(invocation)
+        except QueueFull:
+            raise _Refused(
+                429,
+                f"The queue of function version '{version.version_id}' is full "
+                f"({self.settings.max_queue_depth} requests waiting)",
+            ) from None
+        await self._answer(invocation, poll, send, receive, invoking=True)
+
+    @staticmethod
+    async def _read_body(receive: Receive, limit: int) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _Refused(
+                        413, f"The request body exceeds {limit} bytes; pass large inputs as assets"
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    async def _answer(
+        self, invocation: Invocation, poll: int, send: Send, receive: Receive, *, invoking: bool
+    ) -> None:
+        """Wait up to `poll` seconds for the answer; send it, or a 202 that tells the client to poll."""
+        if poll > 0 and invocation.state != DONE:
+            loop = asyncio.get_running_loop()
+            waiter = Waiter(
+                loop.create_future(), send if invoking and invocation.accept_stream else None, receive
+            )
+            invocation.waiters.append(waiter)
+            waiter.timer = loop.call_later(poll, waiter.wake, POLL_EXPIRED)
+            watcher: asyncio.Task[None] | None = None
+            if not invoking or invocation.state == QUEUED:
+                # A status poll whose client leaves must not take the answer with it (it is returned
+                # once); a request that has not started leaves its queue with its client. One that runs
+                # finishes, its answer going nowhere: nobody was told its id.
+                watcher = loop.create_task(self._watch_client(invocation, receive, waiter, invoking))
+            try:
+                outcome = await waiter.future
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                if waiter.timer is not None:
+                    waiter.timer.cancel()
+            if isinstance(outcome, Result):
+                await outcome.send(send)
+                return
+            if outcome is STREAMED or outcome is CLIENT_GONE:
+                return
+            if outcome is STREAM_BROKEN:
+                # The stream's headers went out: end without completing the response, so the client sees
+                # a broken transfer rather than a clean end of stream.
+                return
+            if outcome is CLAIMED:
+                raise _Refused(404, f"Request id '{invocation.id}': the result was returned to another poll")
+            if waiter in invocation.waiters:
+                invocation.waiters.remove(waiter)
+        if invocation.state == DONE:
+            # Finished between the poll window's end and now: the answer waits in the store.
+            result = self._dispatcher.results.take(invocation.id, None)
+            if result is not None:
+                await result.send(send)
+                return
+        invocation.detached = True
+        if invocation.state != DONE:
+            self._dispatcher.pending[invocation.id] = invocation
+        await send(
+            {"type": "http.response.start", "status": 202, "headers": invocation.in_progress_headers()}
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _watch_client(
+        self, invocation: Invocation, receive: Receive, waiter: Waiter, invoking: bool
+    ) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if waiter.future.done():
+            return
+        if not invoking:
+            if waiter in invocation.waiters:
+                invocation.waiters.remove(waiter)
+            waiter.wake(CLIENT_GONE)
+        elif self._dispatcher.cancel_queued(invocation):
+            log.info("Invocation %s left the queue: its client disconnected", invocation.id)
+            waiter.wake(CLIENT_GONE)
+
+    # --- status and queues --------------------------------------------------------------------------
+
+    async def _status(
+        self, scope: Scope, receive: Receive, send: Send, org: str | None, request_id: str
+    ) -> None:
+        if scope["method"] != "GET":
+            raise _Refused(405, "Status polls are GET requests", [(b"allow", b"GET")])
+        headers = _headers(scope)
+        principal = self._principal(headers.get(b"authorization"), INVOKE_SCOPE, org)
+        poll = self._poll_seconds(headers.get(b"nvcf-poll-seconds"))
+        peer = self._peer(request_id, headers)
+        if peer is not None:
+            await self._forward(peer, scope, headers, poll, send)
+            return
+        account = None if principal.admin else principal.account
+        result = self._dispatcher.results.take(request_id, account)
+        if result is not None:
+            await result.send(send)
+            return
+        invocation = self._dispatcher.pending.get(request_id)
+        if invocation is None or (account is not None and invocation.account != account):
+            raise _Refused(404, f"Request id '{request_id}' not found (unknown, expired or already returned)")
+        await self._answer(invocation, poll, send, receive, invoking=False)
+
+    async def _position(self, scope: Scope, send: Send, org: str | None, request_id: str) -> None:
+        if scope["method"] != "GET":
+            raise _Refused(405, "Queue position is a GET request", [(b"allow", b"GET")])
+        headers = _headers(scope)
+        principal = self._principal(headers.get(b"authorization"), QUEUE_SCOPE, org)
+        peer = self._peer(request_id, headers)
+        if peer is not None:
+            await self._forward(peer, scope, headers, 0, send)
+            return
+        invocation = self._dispatcher.pending.get(request_id)
+        position = None
+        if invocation is not None and (principal.admin or invocation.account == principal.account):
+            position = self._dispatcher.position(invocation)
+        if invocation is None or position is None:
+            raise _Refused(404, f"Request id '{request_id}' is not in pending or in progress state")
+        await send_json(
+            send,
+            200,
+            {
+                "functionId": invocation.version.function_id,
+                "functionVersionId": invocation.version.version_id,
+                "positionInQueue": position,
+            },
+        )
+
+    async def _queues(
+        self, scope: Scope, send: Send, org: str | None, function_id: str, version_id: str | None
+    ) -> None:
+        if scope["method"] != "GET":
+            raise _Refused(405, "Queue details are GET requests", [(b"allow", b"GET")])
+        principal = self._principal(_headers(scope).get(b"authorization"), QUEUE_SCOPE, org)
+        versions = [
+            v
+            for v in self.routes.function_versions(function_id)
+            if self._visible(v, principal)
+            and (v.deployed or v.queue)
+            and (version_id is None or v.version_id == version_id)
+        ]
+        if not versions:
+            raise _Refused(404, "Queue not found - Function is likely not deployed")
+        await send_json(
+            send,
+            200,
+            {
+                "functionId": function_id,
+                "queues": [
+                    {
+                        "functionVersionId": v.version_id,
+                        "functionName": v.function_name,
+                        "functionStatus": v.status,
+                        "queueDepth": len(v.queue),
+                    }
+                    for v in versions
+                ],
+            },
+        )
+
+    async def _load(self, scope: Scope, send: Send) -> None:
+        if scope["method"] != "GET":
+            raise _Refused(405, "The load report is a GET request", [(b"allow", b"GET")])
+        authorization = _headers(scope).get(b"authorization")
+        principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
+        if principal is None:
+            raise _Refused(401, "Unauthorized access", [(b"www-authenticate", b"Bearer")])
+        if not principal.admin:
+            raise _Refused(403, "The load report needs an admin key")
+        await send_json(send, 200, self.load_snapshot())
+
+    # --- forwarding to the replica that holds a request ----------------------------------------------
+
+    def _peer(self, request_id: str, headers: dict[bytes, bytes]) -> Endpoint | None:
+        tag = request_id.rpartition("-")[2]
+        if tag == self._tag or FORWARDED_HEADER in headers:
+            return None
+        return self._peers.get(tag)
+
+    async def _forward(
+        self, peer: Endpoint, scope: Scope, headers: dict[bytes, bytes], poll: int, send: Send
+    ) -> None:
+        """Relay a status or position poll to the replica whose id the request id carries."""
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        lines = [b"GET ", path, b" HTTP/1.1\r\nhost: ", peer.host_header, b"\r\n"]
+        for name in (b"authorization", b"nvcf-poll-seconds", b"accept"):
+            if name in headers:
+                lines.extend((name, b": ", headers[name], b"\r\n"))
+        lines.append(b"%s: 1\r\ncontent-length: 0\r\n\r\n" % FORWARDED_HEADER)
+        pool = self._dispatcher.pool
+        try:
+            conn = await pool.acquire(peer)
+        except UpstreamError as exc:
+            raise _Refused(502, f"The replica holding this request is unreachable: {exc.detail}") from None
+        conn.send(b"".join(lines), self.settings.max_response_bytes + 64 * 1024)
+        timer = asyncio.get_running_loop().call_later(
+            poll + 30,
+            conn.fail,
+            UpstreamTimeout("The replica holding this request did not answer", sent=True),
+        )
+        try:
+            status, response = await conn.read_head()
+            body = await conn.read_body()
+        except UpstreamError as exc:
+            raise _Refused(502, f"The replica holding this request failed: {exc.detail}") from None
+        finally:
+            timer.cancel()
+            conn.finish()
+        out = response_headers(response)
+        out.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return dict(scope["headers"])
+
+
+def _drop_connection_tokens(forwarded: list[bytes], tokens: bytes) -> list[bytes]:
+    """Remove the headers that the client's Connection header names (hop-by-hop by declaration)."""
+    names = {t.strip().lower() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
+    if not names:
+        return forwarded
+    kept: list[bytes] = []
+    for index in range(0, len(forwarded), 4):
+        if forwarded[index] not in names:
+            kept.extend(forwarded[index : index + 4])
+    return kept

@@ -1,0 +1,433 @@
+"""Invocation gateway benchmark: the gateway against direct calls to the same instance, in one run.
+
+    python bench/invoke.py [--rounds 2] [--duration 5] [--json out.json]
+
+What runs, each in its own process (nothing is installed, nothing outside the repository is needed):
+
+* two instances of the echo example (examples/echo/server.py): one plain, one with ECHO_DELAY_MS=20;
+* the gateway (api.gateway.Gateway) served by uvicorn with uvloop and httptools, one worker. Its route
+  table is fed directly with route dicts shaped like `workflows.routes.route_memo` output, and its
+  `authenticate` is a stand-in that accepts one key: no Temporal is involved (the gateway never touches
+  Temporal on the request path anyway; only routes and keys come from it);
+* the load generator: a small HTTP/1.1 keep-alive client on raw asyncio protocols with httptools
+  parsing (far cheaper per request than a general client, so it leaves the CPU to what is measured),
+  started afresh for every measurement.
+
+Scenarios (the targets come from the issue):
+
+(a) echo, 1 client: latency the gateway adds at p50 (target <= 0.5 ms) and p99;
+(b) a 20 ms function, maxRequestConcurrency 32, 32 clients: throughput against direct (target >= 90 %);
+(c) echo, 32 clients, where the gateway is the limit: requests/s (target >= 3,000).
+
+Every round measures direct then gateway for each scenario; the table shows the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = ROOT / "examples" / "echo" / "server.py"
+KEY = "bench-key"
+ACCOUNT = "bench-account"
+BODY = b'{"prompt": "hello", "max_tokens": 16}'
+
+
+# --- load generator ---------------------------------------------------------------------------------
+
+
+class _Client(asyncio.Protocol):
+    """One keep-alive connection sending the same request back to back until the deadline."""
+
+    def __init__(self, request: bytes, latencies: list[int], stop_at: float) -> None:
+        import httptools
+
+        self.request = request
+        self.latencies = latencies
+        self.stop_at = stop_at
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.errors = 0
+        self.sent_at = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass it
+        self.fire()
+
+    def fire(self) -> None:
+        assert self.transport is not None
+        if time.perf_counter() >= self.stop_at:
+            self.transport.close()
+            return
+        self.sent_at = time.perf_counter_ns()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() != 200:
+            self.errors += 1
+        else:
+            self.latencies.append(time.perf_counter_ns() - self.sent_at)
+        self.fire()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _load(
+    host: str, port: int, path: str, concurrency: int, duration: float, warmup: float
+) -> dict[str, Any]:
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: {len(BODY)}\r\n\r\n"
+    ).encode() + BODY
+    loop = asyncio.get_running_loop()
+
+    async def phase(seconds: float, latencies: list[int]) -> tuple[float, int]:
+        stop_at = time.perf_counter() + seconds
+        started = time.perf_counter()
+        clients = []
+        for _ in range(concurrency):
+            _, client = await loop.create_connection(lambda: _Client(request, latencies, stop_at), host, port)
+            clients.append(client)
+        await asyncio.gather(*(c.done for c in clients))
+        return time.perf_counter() - started, sum(c.errors for c in clients)
+
+    warm: list[int] = []
+    await phase(warmup, warm)
+    latencies: list[int] = []
+    elapsed, errors = await phase(duration, latencies)
+    latencies.sort()
+    count = len(latencies)
+    return {
+        "requests": count,
+        "warmup_requests": len(warm),
+        "errors": errors,
+        "rps": count / elapsed,
+        "p50_ms": latencies[count // 2] / 1e6 if count else None,
+        "p99_ms": latencies[min(count - 1, int(count * 0.99))] / 1e6 if count else None,
+    }
+
+
+def load_main(args: argparse.Namespace) -> None:
+    import uvloop
+
+    result = uvloop.run(_load(args.host, args.port, args.path, args.concurrency, args.duration, args.warmup))
+    print(json.dumps(result))
+
+
+# --- gateway process --------------------------------------------------------------------------------
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    sys.path.insert(0, str(ROOT))
+    from api.gateway import Gateway, GatewaySettings
+    from api.principal import ALL_SCOPES, Principal
+
+    principal = Principal(account=ACCOUNT, key_id="bench", scopes=ALL_SCOPES)
+
+    def authenticate(header: str | None) -> Principal | None:
+        # Stand-in for the key store (which lives in Temporal): one fixed key.
+        return principal if header == f"Bearer {KEY}" else None
+
+    gateway = Gateway(authenticate, GatewaySettings(replica_id="bench"))
+    for route in json.loads(args.routes):
+        gateway.routes.apply(route)
+    config = uvicorn.Config(
+        gateway.asgi_app(),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+
+
+# --- orchestration ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError as exc:
+            # A 4xx/5xx still proves the server is up.
+            if getattr(exc, "code", None):
+                return
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _route(version: str, port: int, concurrency: int) -> dict[str, Any]:
+    """Return a route shaped like workflows.routes.route_memo output."""
+    return {
+        "accountId": ACCOUNT,
+        "functionId": f"fn-{version}",
+        "versionId": version,
+        "functionName": version,
+        "status": "ACTIVE",
+        "deployed": True,
+        "inferenceUrl": "/echo",
+        "specs": [
+            {"gpu": "CPU", "instanceType": "local", "backend": "local", "maxRequestConcurrency": concurrency}
+        ],
+        "instances": [{"id": f"{version}-0", "address": f"http://127.0.0.1:{port}", "spec": 0}],
+        "routesVersion": 1,
+    }
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """Return the CPU time a process used so far (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _run_load(
+    port: int, path: str, concurrency: int, duration: float, server_pid: int | None = None
+) -> dict[str, Any]:
+    """Run the load generator once; with `server_pid`, also measure that server's CPU per request."""
+    cpu_before = _cpu_seconds(server_pid) if server_pid else None
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "load",
+            "--port",
+            str(port),
+            "--path",
+            path,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    cpu_after = _cpu_seconds(server_pid) if server_pid else None
+    if cpu_before is not None and cpu_after is not None:
+        handled = result["requests"] + result["warmup_requests"] + result["errors"]
+        result["server_cpu_us"] = (cpu_after - cpu_before) / max(1, handled) * 1e6
+    return result
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores (nproc), {model}, Python {platform.python_version()}"
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    procs: list[subprocess.Popen[bytes]] = []
+    load_before = _load_average()
+    env = {**os.environ, "HOST": "127.0.0.1"}
+    try:
+        echo_port, slow_port, gateway_port = _free_port(), _free_port(), _free_port()
+        procs.append(subprocess.Popen([sys.executable, str(ECHO)], env={**env, "PORT": str(echo_port)}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ECHO)], env={**env, "PORT": str(slow_port), "ECHO_DELAY_MS": "20"}
+            )
+        )
+        routes = [_route("echo", echo_port, 64), _route("slow", slow_port, 32)]
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "serve",
+                    "--port",
+                    str(gateway_port),
+                    "--routes",
+                    json.dumps(routes),
+                ]
+            )
+        )
+        _wait_http(f"http://127.0.0.1:{echo_port}/health")
+        _wait_http(f"http://127.0.0.1:{slow_port}/health")
+        _wait_http(f"http://127.0.0.1:{gateway_port}/v2/nvcf/queues/functions/fn-echo")
+
+        scenarios = {
+            name: spec
+            for name, spec in {
+                "a": ("echo", echo_port, 1),
+                "b": ("slow", slow_port, 32),
+                "c": ("echo", echo_port, 32),
+            }.items()
+            if name in args.scenarios
+        }
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            k: {"direct": [], "gateway": []} for k in scenarios
+        }
+        for round_no in range(args.rounds):
+            for name, (version, port, concurrency) in scenarios.items():
+                direct = _run_load(port, "/echo", concurrency, args.duration)
+                gateway = _run_load(
+                    gateway_port,
+                    f"/v2/nvcf/pexec/functions/fn-{version}",
+                    concurrency,
+                    args.duration,
+                    server_pid=procs[2].pid,
+                )
+                runs[name]["direct"].append(direct)
+                runs[name]["gateway"].append(gateway)
+                print(
+                    f"round {round_no + 1} ({name}): "
+                    f"direct {direct['rps']:.0f} req/s p50 {direct['p50_ms']:.3f} ms"
+                    f" | gateway {gateway['rps']:.0f} req/s p50 {gateway['p50_ms']:.3f} ms"
+                    f" cpu {gateway.get('server_cpu_us', float('nan')):.0f} us/req"
+                    f" errors {direct['errors']}/{gateway['errors']}",
+                    flush=True,
+                )
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def med(name: str, side: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name][side])
+
+    errors = sum(r["errors"] for n in runs for s in ("direct", "gateway") for r in runs[n][s])
+    rows: list[tuple[str, str, str, bool]] = []
+    if "a" in runs:
+        added_p50 = med("a", "gateway", "p50_ms") - med("a", "direct", "p50_ms")
+        added_p99 = med("a", "gateway", "p99_ms") - med("a", "direct", "p99_ms")
+        rows.append(
+            (
+                "(a) echo, 1 client",
+                f"direct p50 {med('a', 'direct', 'p50_ms'):.3f} ms / "
+                f"p99 {med('a', 'direct', 'p99_ms'):.3f} ms; "
+                f"gateway p50 {med('a', 'gateway', 'p50_ms'):.3f} ms / "
+                f"p99 {med('a', 'gateway', 'p99_ms'):.3f} ms; "
+                f"added p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms",
+                "added p50 <= 0.5 ms",
+                added_p50 <= 0.5,
+            )
+        )
+    if "b" in runs:
+        ratio_b = med("b", "gateway", "rps") / med("b", "direct", "rps")
+        rows.append(
+            (
+                "(b) 20 ms fn, 32 clients",
+                f"direct {med('b', 'direct', 'rps'):.0f} req/s (p50 {med('b', 'direct', 'p50_ms'):.1f} / "
+                f"p99 {med('b', 'direct', 'p99_ms'):.1f} ms); gateway {med('b', 'gateway', 'rps'):.0f} req/s "
+                f"(p50 {med('b', 'gateway', 'p50_ms'):.1f} / p99 {med('b', 'gateway', 'p99_ms'):.1f} ms); "
+                f"{ratio_b:.1%} of direct",
+                ">= 90 % of direct",
+                ratio_b >= 0.9,
+            )
+        )
+    if "c" in runs:
+        rps_c = med("c", "gateway", "rps")
+        cpu_c = (
+            statistics.median(r["server_cpu_us"] for r in runs["c"]["gateway"])
+            if all("server_cpu_us" in r for r in runs["c"]["gateway"])
+            else float("nan")
+        )
+        rows.append(
+            (
+                "(c) echo, 32 clients",
+                f"gateway {rps_c:.0f} req/s (p50 {med('c', 'gateway', 'p50_ms'):.2f} / "
+                f"p99 {med('c', 'gateway', 'p99_ms'):.2f} ms, {cpu_c:.0f} us of gateway CPU per request); "
+                f"direct {med('c', 'direct', 'rps'):.0f} req/s",
+                ">= 3,000 req/s",
+                rps_c >= 3000,
+            )
+        )
+    print()
+    print(f"Machine: {_machine()}; load average before {load_before}, after {_load_average()}")
+    print(f"{args.rounds} rounds of {args.duration:.0f} s per measurement, medians; errors: {errors}")
+    print(f"{'scenario':<26} {'target':<20} {'met':<4} figures")
+    for name, figures, target, met in rows:
+        print(f"{name:<26} {target:<20} {'yes' if met else 'NO':<4} {figures}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": _machine(), "runs": runs}, indent=2))
+    return 0 if all(met for *_, met in rows) and errors == 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command")
+    load = sub.add_parser("load", help="(internal) run the load generator once, print JSON")
+    load.add_argument("--host", default="127.0.0.1")
+    load.add_argument("--port", type=int, required=True)
+    load.add_argument("--path", required=True)
+    load.add_argument("--concurrency", type=int, default=1)
+    load.add_argument("--duration", type=float, default=5.0)
+    load.add_argument("--warmup", type=float, default=1.0)
+    serve = sub.add_parser("serve", help="(internal) serve the gateway with the given routes")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--routes", required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--json", help="also write every run's figures to this file")
+    parser.add_argument(
+        "--scenarios", default="abc", help="which of the scenarios a, b, c to run (default: all)"
+    )
+    args = parser.parse_args()
+    if args.command == "load":
+        load_main(args)
+        return 0
+    if args.command == "serve":
+        serve_main(args)
+        return 0
+    return main_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # The Kubernetes tests need a local control plane built from Debian's sources (cached after the first
-# build in ~/.cache/gpufn); tests/cluster/build.sh installs and builds what is missing.
+# build in ~/.cache/gpufn); tests/cluster/build.sh installs and builds what is missing, and
+# tests/registry/setup.sh installs Debian's docker-registry and skopeo for the registry tests.
 test-cluster:
 	bash tests/cluster/build.sh
+	bash tests/registry/setup.sh
 
 test: lint typecheck test-cluster
 	$(BIN)/python -m pytest -q

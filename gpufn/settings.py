@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     """Requests a version's queue holds before invocations answer 429."""
     kubeconfigs: list[Path] = Field(default_factory=list)
     """Kubeconfig files; each cluster becomes a cluster group served by the Kubernetes backend."""
+    registry_credentials: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """Registry host[:port] -> {"username", "password"}, for resolving images and charts."""
+    insecure_registries: list[str] = Field(default_factory=list)
+    """Registries reached over plain HTTP (loopback registries always are)."""
+    replica_id: str | None = None
+    """This API replica's id, carried in request ids (defaults to its own URL)."""
+    peers: dict[str, str] = Field(default_factory=dict)
+    """Other API replicas, id -> base URL, for forwarding status polls (defaults to gateway_urls)."""
 
     @property
     def temporal_target(self) -> str:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -84,3 +84,26 @@ async def load(principal: Admin, context: Context) -> dict[str, Any]:
         return {"versions": {}}
     snapshot: dict[str, Any] = context.gateway.load_snapshot()
     return snapshot
+
+
+_GAUGES = (
+    ("queued", "gpufn_gateway_queue_depth", "Requests waiting in this replica's queue of the version."),
+    ("inFlight", "gpufn_gateway_in_flight", "Requests this replica is running on the version's instances."),
+    ("ready", "gpufn_gateway_ready_instances", "Instances this replica routes the version's requests to."),
+)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(principal: Admin, context: Context) -> PlainTextResponse:
+    """Return the gateway's per-version gauges in Prometheus' text format (admin key)."""
+    if not principal.admin:
+        raise ProblemError(403, "Metrics: admin key only")
+    versions: dict[str, Any] = (
+        context.gateway.load_snapshot()["versions"] if context.gateway is not None else {}
+    )
+    lines: list[str] = []
+    for field, name, help_text in _GAUGES:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for version_id, item in sorted(versions.items()):
+            lines.append(f'{name}{{version_id="{version_id}"}} {int(item.get(field, 0))}')
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -201,3 +201,22 @@ async def test_manual_override_wins_over_the_autoscaler(stack: Stack) -> None:
     assert await running_count(stack, function) == 2
     await handle.signal(FunctionVersionWorkflow.set_manual_instances, ManualInstancesSignal(count=None))
     await wait_running(stack, function, 1, timeout=40)
+
+
+async def test_gateway_exposes_per_version_metrics(stack: Stack) -> None:
+    function = await create(stack, slow_echo("metrics", request_ms=2000))
+    await stack.http.post(deployment_path(function), json=spec(1, 1, concurrency=1))
+    await wait_running(stack, function, 1)
+    path = f"/v2/nvcf/pexec/functions/{function['id']}"
+    calls = [
+        asyncio.create_task(stack.http.post(path, json={"n": n}, headers={"NVCF-POLL-SECONDS": "0"}))
+        for n in range(3)
+    ]
+    await asyncio.gather(*calls)
+    text = (await stack.http.get("/metrics")).text
+    version = function["versionId"]
+    assert f'gpufn_gateway_in_flight{{version_id="{version}"}} 1' in text
+    assert f'gpufn_gateway_queue_depth{{version_id="{version}"}} 2' in text
+    assert f'gpufn_gateway_ready_instances{{version_id="{version}"}} 1' in text
+    forbidden = await stack.http.get("/metrics", headers={"Authorization": "Bearer nvapi-nobody"})
+    assert forbidden.status_code == 401

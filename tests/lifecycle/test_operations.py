@@ -292,3 +292,46 @@ async def test_error_deployment_must_be_deleted_before_redeploy(stack: Stack) ->
     assert "errors" in again.json()["detail"]
     removed = await stack.http.delete(deployment_path(function))
     assert removed.json()["function"]["status"] == "INACTIVE"
+
+
+async def test_graceful_undeploy_lets_running_requests_finish(stack: Stack) -> None:
+    body = echo_function("graceful")
+    function = await create(stack, body)
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1, maxRequestConcurrency=2))
+    await wait_running(stack, function, 1)
+    invoke = f"/v2/nvcf/pexec/functions/{function['id']}/versions/{function['versionId']}"
+    running = asyncio.create_task(
+        stack.http.post(invoke, json={"delaySeconds": 3, "done": True}, headers={"NVCF-POLL-SECONDS": "30"})
+    )
+    await asyncio.sleep(0.5)
+    undeployed = await stack.http.delete(deployment_path(function) + "?graceful=true")
+    assert undeployed.status_code == 200, undeployed.text
+    assert undeployed.json()["function"]["status"] == "INACTIVE"
+    refused = await stack.http.post(invoke, json={"late": True}, headers={"NVCF-POLL-SECONDS": "1"})
+    assert refused.status_code == 404
+    redeploy = await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    assert redeploy.status_code == 400 and "gracefully" in redeploy.json()["detail"]
+    answer = await running
+    assert answer.status_code == 200 and answer.json() == {"delaySeconds": 3, "done": True}
+
+    async def torn_down() -> bool:
+        gone = (await stack.http.get(deployment_path(function))).status_code == 404
+        return gone and not instance_records(stack, function)
+
+    await eventually(torn_down, timeout=30)
+    again = await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    assert again.status_code == 200, again.text
+
+
+async def test_deploy_sent_while_the_worker_is_down_completes_when_it_returns(stack: Stack) -> None:
+    function = await create(stack, echo_function("worker-down"))
+    stack.kill_worker()
+    try:
+        pending = asyncio.create_task(stack.http.post(deployment_path(function), json=cpu_spec(1, 1)))
+        await asyncio.sleep(2)
+        assert not pending.done()
+    finally:
+        stack.restart_worker()
+    response = await pending
+    assert response.status_code == 200, response.text
+    await wait_running(stack, function, 1, timeout=60)

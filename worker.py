@@ -23,7 +23,9 @@ from temporalio.worker import Worker
 
 from activities.backend import Backend, BackendActivities
 from activities.gateway import GatewayActivities, LoadMonitor
+from activities.kubernetes import KubeSettings, kubernetes_backends
 from activities.local import LocalBackend, LocalSupervisor, parse_local_gpus
+from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
 from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
@@ -62,16 +64,27 @@ async def build_worker(
 ) -> AsyncIterator[tuple[Worker, LocalSupervisor]]:
     """Build a worker with its backends and clients; close them on exit."""
     gpus = parse_local_gpus(settings.local_gpus) if settings.local_gpus is not None else discover_gpus()
+    secret_box = SecretBox(settings.resolved_secret_key())
     supervisor = LocalSupervisor(
         home=settings.home,
         cpu_slots=settings.local_cpu_slots,
         gpus=gpus,
-        secret_box=SecretBox(settings.resolved_secret_key()),
+        secret_box=secret_box,
         start_timeout=settings.instance_start_timeout,
         workdir=Path.cwd(),
     )
     await supervisor.start()
     backends: dict[str, Backend] = {LOCAL_CLUSTER_GROUP: LocalBackend(supervisor)}
+    # One backend per configured cluster, named like the cluster group the API offers for it.
+    clusters = kubernetes_backends(settings.kubeconfigs, secret_box, KubeSettings.from_settings(settings))
+    resolver = RegistryResolver(RegistryConfig.from_settings(settings))
+    for cluster in clusters:
+        await cluster.start()
+        # Kubernetes pods run the digest their image tag pointed at when the version was deployed. The
+        # local backend's images are only recorded (it runs command lines), so it resolves nothing.
+        backends[cluster.cluster_group] = (
+            PinningBackend(cluster, resolver) if settings.resolve_artifacts else cluster
+        )
     monitor = LoadMonitor(settings.gateways, settings.resolved_admin_key())
     backend_activities = BackendActivities(backends)
     gateway_activities = GatewayActivities(monitor)
@@ -94,6 +107,9 @@ async def build_worker(
     finally:
         await monitor.close()
         await supervisor.close()
+        for cluster in clusters:
+            await cluster.close()
+        await resolver.close()
 
 
 async def run(settings: Settings) -> None:

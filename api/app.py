@@ -80,10 +80,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 def build_cluster_groups(settings: Settings) -> ClusterGroups:
     """Return the cluster groups this installation serves: `local`, plus one per configured cluster."""
     from activities.local import parse_local_gpus
+    from gpufn.kube_inventory import kube_cluster_groups
 
     gpus = parse_local_gpus(settings.local_gpus) if settings.local_gpus is not None else discover_gpus()
     groups: list[dict[str, Any]] = [local_cluster_group(gpus, settings.local_cpu_slots)]
-    return ClusterGroups(groups=groups)
+    refresh = settings.kube_inventory_refresh
+    return kube_cluster_groups(groups, settings.kubeconfigs, refresh_seconds=refresh)
 
 
 async def connect(settings: Settings) -> Client:

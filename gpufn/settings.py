@@ -54,8 +54,24 @@ class Settings(BaseSettings):
     """Requests a version's queue holds before invocations answer 429."""
     kubeconfigs: list[Path] = Field(default_factory=list)
     """Kubeconfig files; each cluster becomes a cluster group served by the Kubernetes backend."""
+    kube_namespace_prefix: str = "gpufn-"
+    """Kubernetes namespaces of function objects are `<prefix><account>`."""
+    kube_image_pull_timeout: float = 60.0
+    """Seconds an image pull (or a container config error) may keep failing before the instance fails."""
+    kube_unschedulable_timeout: float = 600.0
+    """Seconds a pod may stay unschedulable (e.g. not enough free GPUs) before the instance fails."""
+    kube_crash_loop_restarts: int = 3
+    """Container crashes after which the instance fails."""
+    kube_termination_grace_seconds: int = 30
+    """The pods' terminationGracePeriodSeconds."""
+    kube_runtime_class: str | None = None
+    """runtimeClassName of function pods (e.g. `nvidia`), when the cluster needs one for GPUs."""
+    kube_inventory_refresh: float = 30.0
+    """Seconds between the API's reads of the clusters' nodes (GPUs and instance types)."""
     registry_credentials: dict[str, dict[str, str]] = Field(default_factory=dict)
     """Registry host[:port] -> {"username", "password"}, for resolving images and charts."""
+    resolve_artifacts: bool = True
+    """Resolve Kubernetes functions' images to digests (and charts) against their registries at deploy."""
     insecure_registries: list[str] = Field(default_factory=list)
     """Registries reached over plain HTTP (loopback registries always are)."""
     replica_id: str | None = None

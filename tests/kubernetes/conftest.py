@@ -12,7 +12,6 @@ from kubernetes import client
 
 import tests.conftest as root
 from gpufn.kube_inventory import cluster_group_name
-from gpufn.settings import Settings
 from tests.cluster.fixtures import kube_cluster
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, running_stack
@@ -22,14 +21,16 @@ __all__ = ["kube_api", "kube_cluster", "kube_stack"]
 START_TIMEOUT = 8.0
 """Seconds a pod may stay not ready: short, so the readiness test is quick, but room for a slow start."""
 
-KUBE_SETTINGS = {
-    "GPUFN_KUBE_IMAGE_PULL_TIMEOUT": "3",
-    "GPUFN_KUBE_UNSCHEDULABLE_TIMEOUT": "3",
-    "GPUFN_KUBE_CRASH_LOOP_RESTARTS": "2",
-    "GPUFN_KUBE_TERMINATION_GRACE_SECONDS": "5",
+KUBE_SETTINGS: dict[str, Any] = {
+    "kube_image_pull_timeout": 3.0,
+    "kube_unschedulable_timeout": 3.0,
+    "kube_crash_loop_restarts": 2,
+    "kube_termination_grace_seconds": 5,
+    # These tests exercise pods; their image names are placeholders no registry serves. Resolution and
+    # pinning against a real registry are tested in tests/registry.
+    "resolve_artifacts": False,
 }
-"""Short bounds for the worker. `Settings` does not declare the Kubernetes knobs yet, and `settings_env`
-passes on only the fields it knows, so they are added to the worker's environment here."""
+"""Short bounds for the worker, so failure tests end in seconds."""
 
 ECHO_SERVER = Path(root.ROOT) / "examples" / "echo" / "server.py"
 
@@ -44,24 +45,14 @@ async def kube_stack(
     temporal_address: str, kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
     """A gpufn stack (worker process + API) whose only cluster group besides `local` is the test cluster."""
-    original = root.settings_env
-
-    def with_kube_settings(settings: Settings) -> dict[str, str]:
-        env = original(settings)
-        env.update(KUBE_SETTINGS)
-        return env
-
-    root.settings_env = with_kube_settings
-    try:
-        async with running_stack(
-            temporal_address,
-            tmp_path_factory.mktemp("gpufn-kube-home"),
-            kubeconfigs=[Path(kube_cluster.kubeconfig_path)],
-            instance_start_timeout=START_TIMEOUT,
-        ) as stack:
-            yield stack
-    finally:
-        root.settings_env = original
+    async with running_stack(
+        temporal_address,
+        tmp_path_factory.mktemp("gpufn-kube-home"),
+        kubeconfigs=[Path(kube_cluster.kubeconfig_path)],
+        instance_start_timeout=START_TIMEOUT,
+        **KUBE_SETTINGS,
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -193,17 +193,51 @@ async def test_not_enough_gpus_ends_in_error_with_the_scheduler_reason(
 ) -> None:
     big = await create(kube_stack, echo_function("k8s-all-gpus", containerArgs=echo_command()))
     await deploy(kube_stack, big, gpu_spec(group, gpus=8, min_instances=2, max_instances=2))
-    await wait_status(kube_stack, big, "ACTIVE", timeout=60)
-    small = await create(kube_stack, echo_function("k8s-no-gpu-left", containerArgs=echo_command()))
-    await deploy(kube_stack, small, gpu_spec(group))
-    body = await wait_status(kube_stack, small, "ERROR", timeout=30)
-    [info] = body["healthInfo"]
-    assert "Insufficient nvidia.com/gpu" in info["error"], info
-    assert "could not be scheduled" in info["error"]
-    assert (info["gpu"], info["instanceType"]) == ("H100", f"{group.upper()}.GPU.H100_1x")
-    await wait_gone(kube_api, small)
-    await undeploy(kube_stack, big)
+    try:
+        await wait_status(kube_stack, big, "ACTIVE", timeout=60)
+        small = await create(kube_stack, echo_function("k8s-no-gpu-left", containerArgs=echo_command()))
+        await deploy(kube_stack, small, gpu_spec(group))
+        reason = "Unschedulable: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+
+        async def explained() -> dict[str, Any] | None:
+            # While it waits for GPUs, the instance and the deployment say why.
+            body = await deployment(kube_stack, small)
+            starting = [
+                i for i in body["instances"] if i["status"] == "STARTING" and i.get("error") == reason
+            ]
+            return body if starting and body["functionStatus"] == "DEPLOYING" else None
+
+        body = await eventually(explained, timeout=10, interval=0.05)
+        assert [h["error"] for h in body["healthInfo"]] == [reason]
+        body = await wait_status(kube_stack, small, "ERROR", timeout=30)
+        [info] = body["healthInfo"]
+        assert "Insufficient nvidia.com/gpu" in info["error"], info
+        assert "could not be scheduled" in info["error"]
+        assert (info["gpu"], info["instanceType"]) == ("H100", f"{group.upper()}.GPU.H100_1x")
+        await wait_gone(kube_api, small)
+    finally:
+        await undeploy(kube_stack, big)
     assert objects_of(kube_api, big) == NOTHING
+
+
+async def test_object_the_api_server_refuses_ends_in_error_at_once(
+    kube_stack: Stack, kube_api: client.ApiClient, group: str
+) -> None:
+    function = await create(
+        kube_stack,
+        echo_function(
+            "k8s-refused",
+            containerArgs=echo_command(),
+            containerEnvironment=[{"key": "NOT VALID", "value": "x"}],
+        ),
+    )
+    await deploy(kube_stack, function, gpu_spec(group))
+    body = await wait_status(kube_stack, function, "ERROR", timeout=20)
+    [info] = body["healthInfo"]
+    # The server-side dry run at prepare refuses it, with the API server's own words.
+    assert "cannot create a Deployment: 422" in info["error"], info
+    assert "NOT VALID" in info["error"]
+    assert objects_of(kube_api, function) == NOTHING
 
 
 async def test_image_pull_failure_ends_in_error(
@@ -346,7 +380,7 @@ async def test_worker_killed_mid_deploy_leaves_no_duplicates(
 
     await eventually(deployment_exists, timeout=20, interval=0.02)
     kube_stack.kill_worker()
-    assert (await deployment(kube_stack, function))["functionStatus"] == "DEPLOYING"
+    assert len(objects_of(kube_api, function)["deployments"]) == 1
     kube_stack.restart_worker()
     body = await wait_running(kube_stack, function, 2, timeout=90)
     assert body["functionStatus"] == "ACTIVE"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,12 +27,15 @@ from activities.kubernetes import (
     view_pod,
 )
 from gpufn.kube_inventory import (
+    KubeconfigError,
     cluster_group,
+    cluster_group_name,
+    cluster_group_names,
     gpu_nodes,
     instance_type_name,
+    kube_cluster_groups,
     parse_instance_type,
     products_of,
-    setting,
 )
 from workflows.models import (
     DeploymentSpecification,
@@ -353,12 +358,32 @@ def test_instance_type_names_round_trip() -> None:
     assert parse_instance_type("gpufn-test", "GPUFN-TEST.GPU.H100_0x") is None
 
 
-def test_setting_prefers_settings_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Declared:
-        kube_image_pull_timeout = 7.0
+def kubeconfig(path: Path, cluster: str) -> Path:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": cluster, "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": cluster, "user": "u"}}],
+        "current-context": "c",
+    }
+    path.write_text(json.dumps(config))
+    return path
 
-    assert setting(Declared(), "kube_image_pull_timeout", 60.0, float) == 7.0
-    monkeypatch.setenv("GPUFN_KUBE_IMAGE_PULL_TIMEOUT", "3")
-    assert setting(object(), "kube_image_pull_timeout", 60.0, float) == 3.0
-    monkeypatch.delenv("GPUFN_KUBE_IMAGE_PULL_TIMEOUT")
-    assert setting(object(), "kube_image_pull_timeout", 60.0, float) == 60.0
+
+def test_cluster_group_names_come_from_the_current_context(tmp_path: Path) -> None:
+    eks = kubeconfig(tmp_path / "a.yaml", "arn:aws:eks:us-west-2:123:cluster/prod")
+    assert cluster_group_name(eks) == "arn-aws-eks-us-west-2-123-cluster-prod"
+    twin = kubeconfig(tmp_path / "b.yaml", "arn:aws:eks:us-west-2:123:cluster/prod")
+    with pytest.raises(KubeconfigError, match="all name cluster"):
+        cluster_group_names([eks, twin])
+    with pytest.raises(KubeconfigError, match="local group"):
+        cluster_group_names([kubeconfig(tmp_path / "c.yaml", "local")])
+    with pytest.raises(KubeconfigError, match="Cannot read"):
+        cluster_group_name(tmp_path / "missing.yaml")
+
+
+def test_an_unreachable_cluster_is_a_group_without_gpus(tmp_path: Path) -> None:
+    groups = kube_cluster_groups([], [kubeconfig(tmp_path / "a.yaml", "down")], refresh_seconds=3600)
+    [group] = groups.as_json()["clusterGroups"]
+    assert group["name"] == "down" and group["gpus"] == []

@@ -78,8 +78,9 @@ async def heartbeating(details: object = None) -> AsyncIterator[None]:
         task.cancel()
 
 
-def _fingerprint(instances: list[InstanceRecord]) -> set[tuple[str, str, str | None]]:
-    return {(i.instanceId, i.status.value, i.address) for i in instances}
+def _fingerprint(instances: list[InstanceRecord]) -> set[tuple[str, str, str | None, str | None]]:
+    # The error text counts: a STARTING instance's reason (no free GPU, unschedulable) is news too.
+    return {(i.instanceId, i.status.value, i.address, i.error) for i in instances}
 
 
 class BackendActivities:

@@ -100,9 +100,11 @@ async def main(count: int) -> None:
             raw = []
             for _ in range(5):
                 t0 = time.perf_counter()
-                found = [e async for e in env.client.list_workflows("ExecutionStatus = 'Running'", page_size=1000)]
+                query = "ExecutionStatus = 'Running'"
+                found = [e async for e in env.client.list_workflows(query, page_size=1000)]
                 raw.append(time.perf_counter() - t0)
-            print(f"visibility call alone ({len(found)} executions): p50 {statistics.median(raw) * 1000:.0f} ms")
+            median_ms = statistics.median(raw) * 1000
+            print(f"visibility call alone ({len(found)} executions): p50 {median_ms:.0f} ms")
             timings = []
             for _ in range(7):
                 t0 = time.perf_counter()

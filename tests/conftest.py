@@ -108,26 +108,21 @@ def make_settings(
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
+    """Return the environment that gives a worker or API process exactly `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFN_")}
-    env.update(
-        {
-            "GPUFN_HOME": str(settings.home),
-            "GPUFN_TEMPORAL_ADDRESS": settings.temporal_target,
-            "GPUFN_TASK_QUEUE": settings.task_queue,
-            "GPUFN_ADMIN_KEY": settings.resolved_admin_key(),
-            "GPUFN_SECRET_KEY": settings.resolved_secret_key(),
-            "GPUFN_API_PORT": str(settings.api_port),
-            "GPUFN_INSTANCE_START_TIMEOUT": str(settings.instance_start_timeout),
-            "GPUFN_LOCAL_CPU_SLOTS": str(settings.local_cpu_slots),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    if settings.local_gpus is not None:
-        env["GPUFN_LOCAL_GPUS"] = settings.local_gpus
-    if settings.kubeconfigs:
-        env["GPUFN_KUBECONFIGS"] = json.dumps([str(path) for path in settings.kubeconfigs])
-    if settings.gateway_urls:
-        env["GPUFN_GATEWAY_URLS"] = json.dumps(settings.gateway_urls)
+    defaults = Settings.model_construct()
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value == getattr(defaults, name, None) or value is None:
+            continue
+        if isinstance(value, (list, dict)):
+            env[f"GPUFN_{name.upper()}"] = json.dumps(value, default=str)
+        else:
+            env[f"GPUFN_{name.upper()}"] = str(value)
+    env["GPUFN_ADMIN_KEY"] = settings.resolved_admin_key()
+    env["GPUFN_SECRET_KEY"] = settings.resolved_secret_key()
+    env["GPUFN_TEMPORAL_ADDRESS"] = settings.temporal_target
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

@@ -59,6 +59,10 @@ with workflow.unsafe.imports_passed_through():
 # Activity options, chosen deliberately: every call has a heartbeat timeout short enough that a killed
 # worker is noticed in seconds, and retries back off to at most 10 s.
 QUICK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
+PREPARE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=6
+)
+"""A registry still unreachable after about 30 s ends the deployment in ERROR with the reason."""
 ACTION_TIMEOUT = timedelta(minutes=10)
 ACTION_HEARTBEAT = timedelta(seconds=10)
 WATCH_MAX_WAIT_SECONDS = 3600.0
@@ -176,25 +180,49 @@ class FunctionVersionWorkflow:
                 if failures.retryNotBefore is None or failures.retryNotBefore <= now:
                     count = desired[index]
             if failed or drained or count != len(serving) + len(to_drain) - len(drained):
-                observed = await workflow.execute_activity_method(
-                    BackendActivities.ensure_instances,
-                    EnsureInstancesInput(
-                        ref=self._ref(),
-                        spec=self._state.spec,
-                        deploymentSpec=spec,
-                        specIndex=index,
-                        count=count + (len(to_drain) - len(drained)),
-                        remove=failed + drained,
-                        prepared=(deployment.prepared or [PrepareResult()] * (index + 1))[index],
-                    ),
-                    start_to_close_timeout=ACTION_TIMEOUT,
-                    heartbeat_timeout=ACTION_HEARTBEAT,
-                    retry_policy=QUICK_RETRY,
-                )
+                try:
+                    observed = await workflow.execute_activity_method(
+                        BackendActivities.ensure_instances,
+                        EnsureInstancesInput(
+                            ref=self._ref(),
+                            spec=self._state.spec,
+                            deploymentSpec=spec,
+                            specIndex=index,
+                            count=count + (len(to_drain) - len(drained)),
+                            remove=failed + drained,
+                            prepared=(deployment.prepared or [PrepareResult()] * (index + 1))[index],
+                        ),
+                        start_to_close_timeout=ACTION_TIMEOUT,
+                        heartbeat_timeout=ACTION_HEARTBEAT,
+                        retry_policy=QUICK_RETRY,
+                    )
+                except ActivityError as err:
+                    self._note_backend_refusal(deployment, index, err)
+                    continue
                 self._state.drainingInstanceIds = [
                     d for d in self._state.drainingInstanceIds if d not in drained
                 ]
                 self._apply_observation(observed.instances, spec_index=index)
+
+    def _note_backend_refusal(self, deployment: Deployment, index: int, err: ActivityError) -> None:
+        """Record a backend's permanent refusal to provision (quota, permissions, an invalid object).
+
+        While deploying it ends the deployment in ERROR, as NVCF does; afterwards it is shown in
+        healthInfo and retried after the heal backoff.
+        """
+        cause = err.cause
+        message = cause.message if isinstance(cause, ApplicationError) else str(err)
+        failures = self._failures(index)
+        failures.consecutive += 1
+        failures.total += 1
+        failures.lastError = message
+        failures.retryNotBefore = workflow.now() + timedelta(
+            seconds=reconcile.heal_backoff_seconds(failures.consecutive)
+        )
+        self._refresh_health_info(deployment, force=True)
+        if self._state.status == FunctionStatus.DEPLOYING:
+            self._set_status(FunctionStatus.ERROR)
+            self._publish()
 
     async def _drain(
         self, deployment: Deployment, spec: DeploymentSpecification, instances: list[InstanceRecord]
@@ -234,7 +262,7 @@ class FunctionVersionWorkflow:
                     PrepareInput(ref=self._ref(), spec=self._state.spec, deploymentSpec=spec),
                     start_to_close_timeout=ACTION_TIMEOUT,
                     heartbeat_timeout=ACTION_HEARTBEAT,
-                    retry_policy=QUICK_RETRY,
+                    retry_policy=PREPARE_RETRY,
                 )
             except ActivityError as err:
                 cause = err.cause
@@ -332,19 +360,25 @@ class FunctionVersionWorkflow:
             )
         except TimeoutError:
             return
+        # A watcher cancelled by a handler (undeploy, delete, a new autoscaling setting) while this loop
+        # waited is done but has no result; it was already replaced or is no longer wanted.
         if observer.done():
-            self._observer = None
-            try:
-                self._apply_observation(observer.result().instances)
-            except ActivityError as err:
-                workflow.logger.warning("Instance watcher failed, restarting it: %s", err)
+            if self._observer is observer:
+                self._observer = None
+            if not observer.cancelled():
+                try:
+                    self._apply_observation(observer.result().instances)
+                except ActivityError as err:
+                    workflow.logger.warning("Instance watcher failed, restarting it: %s", err)
         if load_watcher is not None and load_watcher.done():
-            self._load_watcher = None
-            try:
-                decision = load_watcher.result().decision
-            except ActivityError as err:
-                workflow.logger.warning("Load watcher failed, restarting it: %s", err)
-                decision = None
+            if self._load_watcher is load_watcher:
+                self._load_watcher = None
+            decision = None
+            if not load_watcher.cancelled():
+                try:
+                    decision = load_watcher.result().decision
+                except ActivityError as err:
+                    workflow.logger.warning("Load watcher failed, restarting it: %s", err)
             if decision is not None:
                 self._state.scaling.lastDecision = decision
                 self._state.scaling.decidedAt = workflow.now()

@@ -1,15 +1,11 @@
 """Deployments pin their image: pods run the digest resolved at deploy time, and a missing image fails the
 deployment at once with the registry's words in healthInfo, before any pod exists.
 
-A real worker (in this process, so that its backends can be wrapped in `PinningBackend` the way worker.py
-is to wire them), the API over HTTP, the local Kubernetes cluster and a real registry.
+The real stack (worker process, API over HTTP), the local Kubernetes cluster and a real registry.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
-import worker as worker_module
-from activities.backend import Backend, BackendActivities
-from activities.local import stop_recorded_instances
-from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
 from gpufn.kube_inventory import cluster_group_name, read_json
 from tests.cluster.harness import TestCluster
-from tests.conftest import ADMIN_KEY, echo_function, eventually, free_port, make_settings, serve_api
+from tests.conftest import echo_function, eventually, running_stack
 from tests.kubernetes.conftest import KUBE_SETTINGS, echo_command, gpu_spec
 from tests.registry.conftest import REPOSITORY, push
 from tests.registry.servers import RegistryServer
@@ -46,44 +36,17 @@ class PinnedStack:
 async def pinned_stack(
     temporal_address: str, kube_cluster: TestCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[PinnedStack]:
-    home = tmp_path_factory.mktemp("pinned-home")
-    settings = make_settings(
-        home,
+    """The real stack (worker process + API) with artifact resolution on, as `make up` runs it."""
+    settings = {**KUBE_SETTINGS, "resolve_artifacts": True}
+    async with running_stack(
         temporal_address,
-        f"gpufn-pin-{uuid.uuid4().hex[:8]}",
-        free_port(),
+        tmp_path_factory.mktemp("pinned-home"),
         kubeconfigs=[Path(kube_cluster.kubeconfig_path)],
         instance_start_timeout=8.0,
-    )
-    temporal = await Client.connect(temporal_address, data_converter=pydantic_data_converter)
-    resolver = RegistryResolver(RegistryConfig())
-
-    def pinning(backends: dict[str, Backend]) -> BackendActivities:
-        return BackendActivities({name: PinningBackend(b, resolver) for name, b in backends.items()})
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in KUBE_SETTINGS.items():
-            patch.setenv(name, value)
-        patch.setattr(worker_module, "BackendActivities", pinning)
-        async with worker_module.build_worker(temporal, settings, settings.task_queue) as (worker, _):
-            running = asyncio.create_task(worker.run())
-            server, serving = await serve_api(settings)
-            try:
-                async with httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{settings.api_port}",
-                    headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                    timeout=30,
-                ) as http:
-                    with kube_cluster.api_client() as kube:
-                        yield PinnedStack(http, cluster_group_name(Path(kube_cluster.kubeconfig_path)), kube)
-            finally:
-                server.should_exit = True
-                await serving
-                await worker.shutdown()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await running
-                await resolver.close()
-                stop_recorded_instances(home, grace_seconds=2)
+        **settings,
+    ) as stack:
+        with kube_cluster.api_client() as kube:
+            yield PinnedStack(stack.http, cluster_group_name(Path(kube_cluster.kubeconfig_path)), kube)
 
 
 async def deploy(stack: PinnedStack, image: str, name: str) -> tuple[dict[str, Any], str]:

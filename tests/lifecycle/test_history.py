@@ -7,11 +7,15 @@ import os
 import signal
 from datetime import UTC, datetime
 
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+
 from tests.conftest import Stack, cpu_spec, eventually
 from tests.lifecycle.helpers import deployment, deployment_path, instance_records, wait_running
 from workflows import function_version_workflow_id
+from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import FunctionVersionInput, FunctionVersionSpec, Health, VersionState
+from workflows.routes import route_memo, summary_memo
 
 
 async def test_deployment_continues_as_new_and_keeps_its_state(stack: Stack) -> None:
@@ -29,10 +33,6 @@ async def test_deployment_continues_as_new_and_keeps_its_state(stack: Stack) -> 
         containerArgs="python examples/echo/server.py",
         createdAt=datetime.now(UTC),
     )
-    from temporalio.common import SearchAttributePair, TypedSearchAttributes
-
-    from workflows import search_attributes as sa
-    from workflows.routes import route_memo, summary_memo
 
     state = VersionState(spec=spec)
     workflow_id = function_version_workflow_id(spec.id, spec.versionId)

@@ -29,6 +29,8 @@ from workflows.models import (
 )
 
 HEARTBEAT_SECONDS = 2.0
+WATCH_WAKE_SECONDS = 10.0
+"""The instance watcher re-checks at least this often; backends wake it at once on a change."""
 
 
 class Backend(Protocol):
@@ -131,7 +133,7 @@ class BackendActivities:
             activity.heartbeat()
             waits = [
                 asyncio.create_task(
-                    backend.wait_for_change(request.ref, min(HEARTBEAT_SECONDS, deadline - loop.time()))
+                    backend.wait_for_change(request.ref, min(WATCH_WAKE_SECONDS, deadline - loop.time()))
                 )
                 for backend in backends
             ]

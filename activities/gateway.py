@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 LOAD_PATH = "/internal/v1/load"
 TICK_SECONDS = 0.5
+IDLE_TICK_SECONDS = 2.0
+"""A version without load is re-decided this often (idle timers), or at once when load appears."""
 HEARTBEAT_EVERY_SECONDS = 3.0
 DRAIN_POLL_SECONDS = 0.2
 
@@ -60,6 +62,7 @@ class LoadMonitor:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._autoscaler_states: dict[str, AutoscalerState] = {}
+        self._load_changed: dict[str, asyncio.Event] = {}
 
     async def close(self) -> None:
         """Stop polling."""
@@ -92,6 +95,17 @@ class LoadMonitor:
         self._ensure_running()
         self._tick_event.clear()
         await self._tick_event.wait()
+
+    async def next_change(self, version_id: str, max_wait: float) -> None:
+        """Wait until a poll finds the version's load changed, or `max_wait` seconds.
+
+        Idle versions wait here instead of on every tick, so a thousand of them cost a wake-up each
+        every couple of seconds, while a load step still reaches its autoscaler on the next poll.
+        """
+        self._ensure_running()
+        event = self._load_changed.setdefault(version_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max_wait)
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -129,8 +143,13 @@ class LoadMonitor:
                 first_seen.add(version_id)
                 for instance_id, count in item.get("instances", {}).items():
                     total.instances[instance_id] = total.instances.get(instance_id, 0) + int(count)
+        previous = self._loads
         self._loads = loads
         self._reachable = reached
+        for version_id in list(self._load_changed):
+            before, now = previous.get(version_id), loads.get(version_id)
+            if (before.total if before else 0) != (now.total if now else 0):
+                self._load_changed.pop(version_id).set()
 
     async def _fetch(self, base_url: str) -> dict[str, Any] | None:
         assert self._session is not None
@@ -172,14 +191,19 @@ class GatewayActivities:
         )
         started = time.monotonic()
         last_beat = 0.0
+        idle = False
         while time.monotonic() - started < request.maxWaitSeconds:
-            await self._monitor.next_tick()
+            if idle:
+                await self._monitor.next_change(version_id, IDLE_TICK_SECONDS)
+            else:
+                await self._monitor.next_tick()
             now = time.monotonic()
             if not self._monitor.reachable:
                 # No gateway answered: no data is not zero load, so decide nothing until one answers.
                 activity.heartbeat()
                 continue
             load = self._monitor.load(version_id)
+            idle = load.total == 0
             scaler.record(now, float(load.total))
             ready = load.ready if load.ready or request.ready == 0 else request.ready
             decision = scaler.decide(now, ready=ready, current=request.current)

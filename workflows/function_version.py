@@ -66,7 +66,9 @@ PREPARE_RETRY = RetryPolicy(
 ACTION_TIMEOUT = timedelta(minutes=10)
 ACTION_HEARTBEAT = timedelta(seconds=10)
 WATCH_MAX_WAIT_SECONDS = 3600.0
-WATCH_HEARTBEAT = timedelta(seconds=10)
+WATCH_HEARTBEAT = timedelta(seconds=30)
+"""Watchers run as long as a version is deployed; every heartbeat is a write on the Temporal server, so
+they beat rarely (the SDK sends at most one per 0.8 x this). A dead worker's watchers restart within it."""
 FAILURES_BEFORE_HEALTH_INFO = 3
 """Consecutive failures of a spec's instances after which the failure is shown in healthInfo."""
 

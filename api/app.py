@@ -8,9 +8,11 @@ the Temporal client, the key cache, the registry, the gateway and its route poll
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +25,7 @@ from temporalio.service import RPCError
 
 from api.auth import KeyCache
 from api.deps import AppContext
+from api.gateway import Gateway, GatewaySettings
 from api.problems import PROBLEM_CONTENT_TYPE, ProblemError, problem_body
 from api.registry import FunctionRegistry
 from api.route_sync import RouteSync
@@ -116,19 +119,16 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
             cluster_groups=build_cluster_groups(settings),
         )
         gateway = _build_gateway(settings, key_cache)
-        if gateway is not None:
-            await gateway.start()
-            context.gateway = gateway
-            context.route_sync = RouteSync(temporal, gateway.routes, settings.routes_poll_interval)
-            await context.route_sync.start()
+        await gateway.start()
+        context.gateway = gateway
+        context.route_sync = RouteSync(temporal, gateway.routes, settings.routes_poll_interval)
+        await context.route_sync.start()
         app.state.context = context
         try:
             yield
         finally:
-            if context.route_sync is not None:
-                await context.route_sync.close()
-            if gateway is not None:
-                await gateway.close()
+            await context.route_sync.close()
+            await gateway.close()
             await key_cache.close()
 
     app = FastAPI(
@@ -148,19 +148,26 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
     return app
 
 
-def _build_gateway(settings: Settings, key_cache: KeyCache) -> Any:
-    """Build the invocation gateway for this replica."""
-    try:
-        from api.gateway import Gateway, GatewaySettings
-    except ImportError:  # TODO(lead): remove once the gateway lands
-        return None
+def _build_gateway(settings: Settings, key_cache: KeyCache) -> Gateway:
+    """Build the invocation gateway of this replica.
 
+    A replica's id defaults to its host name, and its peers to the other replicas of `gateway_urls`
+    keyed by their host name's first label: in the Helm chart's StatefulSet that is each pod's name, so
+    request ids name the pod that holds a result and any replica can forward a poll to it.
+    """
+    replica_id = settings.replica_id or socket.gethostname()
+    peers = dict(settings.peers) or {
+        (urlsplit(url).hostname or url).split(".")[0]: url for url in settings.gateway_urls
+    }
+    peers.pop(replica_id, None)
     return Gateway(
         authenticate=key_cache.authenticate,
         settings=GatewaySettings(
             result_ttl_seconds=settings.result_ttl,
             result_memory_bytes=settings.result_memory_bytes,
             max_queue_depth=settings.max_queue_depth,
+            replica_id=replica_id,
+            peers=peers,
         ),
     )
 

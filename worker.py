@@ -23,6 +23,7 @@ from temporalio.worker import Worker
 
 from activities.backend import Backend, BackendActivities
 from activities.gateway import GatewayActivities, LoadMonitor
+from activities.helm import HelmBackend, HelmSettings, KubernetesGroupBackend
 from activities.kubernetes import KubeSettings, kubernetes_backends
 from activities.local import LocalBackend, LocalSupervisor, parse_local_gpus
 from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
@@ -76,15 +77,22 @@ async def build_worker(
     await supervisor.start()
     backends: dict[str, Backend] = {LOCAL_CLUSTER_GROUP: LocalBackend(supervisor)}
     # One backend per configured cluster, named like the cluster group the API offers for it.
-    clusters = kubernetes_backends(settings.kubeconfigs, secret_box, KubeSettings.from_settings(settings))
+    kube_settings = KubeSettings.from_settings(settings)
+    clusters = kubernetes_backends(settings.kubeconfigs, secret_box, kube_settings)
     resolver = RegistryResolver(RegistryConfig.from_settings(settings))
-    for cluster in clusters:
+    helm_settings = HelmSettings.from_settings(settings)
+    charts: list[HelmBackend] = []
+    for kubeconfig, cluster in zip(settings.kubeconfigs, clusters, strict=True):
         await cluster.start()
         # Kubernetes pods run the digest their image tag pointed at when the version was deployed. The
         # local backend's images are only recorded (it runs command lines), so it resolves nothing.
-        backends[cluster.cluster_group] = (
-            PinningBackend(cluster, resolver) if settings.resolve_artifacts else cluster
-        )
+        containers = PinningBackend(cluster, resolver) if settings.resolve_artifacts else cluster
+        # Helm-chart versions of the same cluster group are Helm releases; that backend pins its charts
+        # itself (helm needs the archive anyway), so it is not wrapped.
+        chart_backend = HelmBackend(kubeconfig, resolver, kube_settings, helm_settings, cluster.cluster_group)
+        await chart_backend.start()
+        charts.append(chart_backend)
+        backends[cluster.cluster_group] = KubernetesGroupBackend(containers, chart_backend)
     monitor = LoadMonitor(settings.gateways, settings.resolved_admin_key())
     backend_activities = BackendActivities(backends)
     gateway_activities = GatewayActivities(monitor)
@@ -107,6 +115,8 @@ async def build_worker(
     finally:
         await monitor.close()
         await supervisor.close()
+        for chart_backend in charts:
+            await chart_backend.close()
         for cluster in clusters:
             await cluster.close()
         await resolver.close()

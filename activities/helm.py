@@ -73,6 +73,7 @@ from activities.kubernetes import (
 )
 from activities.registry import RegistryResolver
 from gpufn.kube_inventory import api_client, cluster_group_names, read_json
+from gpufn.settings import Settings
 from workflows.models import (
     DeploymentSpecification,
     EnsureInstancesInput,
@@ -145,9 +146,6 @@ TRANSIENT_MARKERS = (
 class HelmSettings:
     """Knobs of the Helm backend.
 
-    `Settings` declares no Helm fields yet, so each knob is read from the settings object when it has the
-    attribute, else from the environment variable named below (as `RegistryConfig` does).
-
     Attributes:
         executable: The helm v3 binary (`GPUFN_HELM_EXECUTABLE`); default: `helm` on the worker's PATH.
         home: Helm's cache, config and data homes (unless `HELM_*_HOME` are set) and the chart cache.
@@ -162,21 +160,13 @@ class HelmSettings:
     timeout_seconds: float = 300.0
 
     @classmethod
-    def from_settings(cls, settings: Any) -> HelmSettings:
-        """Read the knobs from `helm_*` attributes of `settings`, else from `GPUFN_HELM_*` variables."""
-
-        def knob(name: str) -> str | None:
-            value = getattr(settings, f"helm_{name}", None)
-            if value is None:
-                value = os.environ.get(f"GPUFN_HELM_{name.upper()}") or None
-            return None if value is None else str(value)
-
-        home = Path(getattr(settings, "home", None) or cls.home.parent)
+    def from_settings(cls, settings: Settings) -> HelmSettings:
+        """Read the knobs from the `helm_*` settings."""
         return cls(
-            executable=knob("executable"),
-            home=home.resolve() / "helm",
-            replica_count_key=knob("replica_count_key") or cls.replica_count_key,
-            timeout_seconds=float(knob("timeout") or cls.timeout_seconds),
+            executable=settings.helm_executable,
+            home=settings.home.resolve() / "helm",
+            replica_count_key=settings.helm_replica_count_key,
+            timeout_seconds=settings.helm_timeout,
         )
 
 
@@ -475,6 +465,8 @@ class HelmBackend:
         self._pods: dict[str, PodInformer] = {}
         self._pod_keys: dict[str, str] = {}
         """Release namespace -> the version (label value) whose watcher its pod events wake."""
+        self._seen: set[str] = set()
+        """Release namespaces observed alive (and not yet dropped)."""
         self._services: dict[str, ServiceTarget] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._deadlines: dict[str, datetime] = {}
@@ -619,8 +611,10 @@ class HelmBackend:
                 view = instance_view(pod, now, self._settings, release.spec_index, target)
                 if view is not None:
                     views.append(view)
-        # Stop watching the version's namespaces that went away (torn down by this or another worker).
-        for gone in [n for n, k in self._pod_keys.items() if k == key and n not in live]:
+        # Stop watching the version's namespaces that went away (torn down by this or another worker). Only
+        # those seen alive before: a namespace ensure_instances just made may not be in the watch yet.
+        self._seen.update(live)
+        for gone in [n for n, k in self._pod_keys.items() if k == key and n in self._seen and n not in live]:
             await self._drop_namespace(gone)
         deadlines = [v.deadline for v in views if v.deadline is not None]
         if deadlines:
@@ -654,10 +648,11 @@ class HelmBackend:
             self._core.list_namespace,
             label_selector=f"{RELEASE_NAMESPACES},{VERSION_LABEL}={key}",
         )
-        namespaces = [n for n in (listed or {}).get("items") or []]
+        namespaces = list((listed or {}).get("items") or [])
         for namespace in namespaces:
             release = Release.of(namespace)
             name = namespace["metadata"]["name"]
+            self._services.pop(str(namespace["metadata"].get("uid") or ""), None)
             if release is not None and not release.terminating and self._helm is not None:
                 await self._uninstall(self._helm, release)
             await self._run(self._call, "delete a namespace", self._core.delete_namespace, name, ok=(404,))
@@ -667,6 +662,7 @@ class HelmBackend:
         for namespace in namespaces:
             await self._drop_namespace(namespace["metadata"]["name"])
         self._deadlines.pop(key, None)
+        self._changed.pop(key, None)
 
     # --- Helpers: helm ------------------------------------------------------------------------------
 
@@ -875,6 +871,7 @@ class HelmBackend:
     async def _drop_namespace(self, namespace: str) -> None:
         informer = self._pods.pop(namespace, None)
         self._pod_keys.pop(namespace, None)
+        self._seen.discard(namespace)
         if informer is not None:
             await asyncio.to_thread(informer.stop)
 
@@ -936,7 +933,7 @@ class KubernetesGroupBackend:
         charts: The Helm backend of the same cluster.
     """
 
-    def __init__(self, containers: Backend, charts: HelmBackend) -> None:
+    def __init__(self, containers: Backend, charts: Backend) -> None:
         self._containers = containers
         self._charts = charts
 

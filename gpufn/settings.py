@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     """Seconds between the API's reads of the clusters' nodes (GPUs and instance types)."""
     registry_credentials: dict[str, dict[str, str]] = Field(default_factory=dict)
     """Registry host[:port] -> {"username", "password"}, for resolving images and charts."""
+    helm_executable: str | None = None
+    """The helm v3 binary for Helm-chart functions (default: `helm` on the worker's PATH)."""
+    helm_replica_count_key: str = "replicaCount"
+    """The values key (dotted for nested keys) that receives a Helm function's instance count."""
+    helm_timeout: float = 300.0
+    """Seconds one Helm operation may take, hooks included."""
     resolve_artifacts: bool = True
     """Resolve Kubernetes functions' images to digests (and charts) against their registries at deploy."""
     insecure_registries: list[str] = Field(default_factory=list)

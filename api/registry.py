@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
+from temporalio.api.workflowservice.v1 import ListWorkflowExecutionsRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
@@ -23,6 +24,7 @@ from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import FunctionStatus, FunctionVersionInput, VersionState, VersionView
 from workflows.routes import route_memo, summary_memo
 
+LIST_PAGE_SIZE = 1000
 VISIBILITY_SETTLE_SECONDS = 2.0
 """How long a lookup by function ID retries while a just-created version reaches visibility."""
 
@@ -95,11 +97,26 @@ class FunctionRegistry:
         A thousand versions cost one visibility call and no per-item decoding, which keeps a full list
         well under half a second on the embedded stack.
         """
-        entries: list[tuple[datetime, bytes]] = []
-        async for execution in self._client.list_workflows(_list_query(account, function_id), page_size=1000):
-            payload = execution.raw_info.memo.fields.get("summary")
-            if payload is not None and payload.metadata.get("encoding") == b"json/plain":
-                entries.append((execution.start_time, payload.data))
+        # The raw RPC, not the SDK's iterator: building a WorkflowExecution per item (search attributes,
+        # memo objects) cost as much as the visibility query itself for a thousand versions.
+        entries: list[tuple[int, bytes]] = []
+        token = b""
+        while True:
+            page = await self._client.workflow_service.list_workflow_executions(
+                ListWorkflowExecutionsRequest(
+                    namespace=self._client.namespace,
+                    query=_list_query(account, function_id),
+                    page_size=LIST_PAGE_SIZE,
+                    next_page_token=token,
+                )
+            )
+            for info in page.executions:
+                payload = info.memo.fields.get("summary")
+                if payload is not None and payload.metadata.get("encoding") == b"json/plain":
+                    entries.append((info.start_time.ToNanoseconds(), payload.data))
+            token = page.next_page_token
+            if not token:
+                break
         entries.sort(key=lambda entry: entry[0])
         return b"[" + b",".join(data for _, data in entries) + b"]"
 

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,14 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpufn.stack import free_port, temporal_cli  # noqa: E402
-from workflows import search_attributes as sa  # noqa: E402
+from bench.common import cpu_model, start_dev_server  # noqa: E402
+from gpufn.stack import free_port  # noqa: E402
 
 REQUEST_SECONDS = 0.2
 CONCURRENCY = 4
@@ -62,14 +59,6 @@ class Results:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     decisions: list[tuple[float, int, str]] = field(default_factory=list)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 async def client_loop(http: httpx.AsyncClient, path: str, stop: asyncio.Event, results: Results) -> None:
@@ -159,13 +148,7 @@ def plot(results: Results, step: float, drop: float, out: Path) -> Path | None:
 
 async def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=temporal_cli(),
-        search_attributes=list(sa.ALL),
-        ui=False,
-        dev_server_log_level="error",
-    )
+    env = await start_dev_server()
     home = Path(tempfile.mkdtemp(prefix="gpufn-autoscale-"))
     key = "nvapi-bench-" + uuid.uuid4().hex
     port = free_port()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,39 +20,21 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.app import create_app
+from bench.common import cpu_model, start_dev_server
 from gpufn.settings import Settings
-from gpufn.stack import free_port, temporal_cli
+from gpufn.stack import free_port
 from worker import build_worker
-from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
 
 TARGET_SECONDS = 0.5
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 async def main(count: int) -> None:
-    env = await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=temporal_cli(),
-        search_attributes=list(sa.ALL),
-        ui=False,
-        dev_server_log_level="error",
-    )
+    env = await start_dev_server()
     home = Path(tempfile.mkdtemp(prefix="gpufn-bench-"))
     key = "nvapi-bench-" + uuid.uuid4().hex
     settings = Settings(

@@ -73,3 +73,26 @@ async def test_undeploy_and_redeploy(stack: Stack) -> None:
     response = await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
     assert response.status_code == 200, response.text
     await wait_status(stack, function, "ACTIVE")
+
+
+async def test_numpy_model_example_deploys_and_classifies(stack: Stack) -> None:
+    body = echo_function(
+        "iris-model",
+        inferenceUrl="/infer",
+        containerArgs="python examples/numpy_model/server.py",
+        containerImage="example.com/iris:1.0",
+    )
+    function = await create(stack, body)
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    await wait_status(stack, function, "ACTIVE")
+    answer = await stack.http.post(
+        f"/v2/nvcf/pexec/functions/{function['id']}",
+        json={"inputs": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]},
+        headers={"NVCF-POLL-SECONDS": "30"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert [o["label"] for o in answer.json()["outputs"]] == ["setosa", "virginica"]
+    bad = await stack.http.post(f"/v2/nvcf/pexec/functions/{function['id']}", json={"inputs": [[1, 2]]})
+    assert bad.status_code == 400
+    assert bad.headers["NVCF-STATUS"] == "errored"
+    assert "bad input" in bad.json()["detail"]

@@ -227,6 +227,24 @@ class UpdateMetadataRequest(RequestModel):
         return validate_tags(value)
 
 
+class UpdateFunctionRequest(RequestModel):
+    """Body of `PUT /v2/nvcf/functions/{id}/versions/{vid}`: any of tags and rateLimit, others kept."""
+
+    tags: list[str] | None = None
+    rateLimit: RateLimitRequest | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else validate_tags(value)
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> UpdateFunctionRequest:
+        if self.tags is None and self.rateLimit is None:
+            raise ValueError("Invalid request: give at least one of tags or rateLimit")
+        return self
+
+
 class DeploymentSpecificationRequest(RequestModel):
     """One GPU specification of a deployment request."""
 

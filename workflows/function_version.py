@@ -722,8 +722,11 @@ class FunctionVersionWorkflow:
 
     @workflow.update
     async def update_tags(self, request: UpdateTagsRequest) -> VersionView:
-        """Replace the version's tags."""
-        self._state.spec.tags = request.tags
+        """Replace the version's tags (and, when given, its rate limit)."""
+        if request.tags is not None:
+            self._state.spec.tags = request.tags
+        if request.rateLimit is not None:
+            self._state.spec.rateLimit = request.rateLimit
         self._publish()
         return VersionView(state=self._state)
 

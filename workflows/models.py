@@ -243,9 +243,14 @@ class UndeployRequest(BaseModel):
 
 
 class UpdateTagsRequest(BaseModel):
-    """Update `update_tags`: replace the tags (NVCF: values completely override existing)."""
+    """Update `update_tags`: replace the tags (NVCF: values completely override existing).
 
-    tags: list[str]
+    `PUT /v2/nvcf/functions/{id}/versions/{vid}` (NVCF's newer form) may also replace the rate limit;
+    a field left out (None) is kept.
+    """
+
+    tags: list[str] | None
+    rateLimit: dict[str, Any] | None = None
 
 
 class DeleteRequest(BaseModel):

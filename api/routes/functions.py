@@ -12,7 +12,7 @@ from api.deps import Context, parse_body, require
 from api.principal import Principal
 from api.problems import ProblemError
 from api.registry import not_found
-from api.schemas import CreateFunctionRequest, UpdateMetadataRequest
+from api.schemas import CreateFunctionRequest, UpdateFunctionRequest, UpdateMetadataRequest
 from gpufn.sealing import SecretBox, secret_context
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -202,6 +202,24 @@ async def update_metadata(
         version_id,
         FunctionVersionWorkflow.update_tags,
         UpdateTagsRequest(tags=body.tags),
+    )
+    return {"function": version_json(state)}
+
+
+@router.put("/functions/{function_id}/versions/{version_id}")
+async def update_version(
+    function_id: str, version_id: str, request: Request, principal: Updater, context: Context
+) -> dict[str, Any]:
+    """Replace a version's tags and/or rate limit (NVCF's newer metadata update); omitted fields are kept."""
+    body = await parse_body(request, UpdateFunctionRequest)
+    state = await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.update_tags,
+        UpdateTagsRequest(
+            tags=body.tags, rateLimit=body.rateLimit.model_dump(exclude_none=True) if body.rateLimit else None
+        ),
     )
     return {"function": version_json(state)}
 

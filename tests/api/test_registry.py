@@ -446,3 +446,24 @@ async def test_secret_values_appear_nowhere_in_the_worker_log(
 async def test_secret_values_appear_nowhere_in_the_api_log(secret_function: SecretFunction) -> None:
     assert SECRET_VALUE not in secret_function.api_log
     assert JSON_SECRET_VALUE not in secret_function.api_log
+
+
+async def test_put_version_updates_tags_and_rate_limit_keeping_what_is_left_out(stack: Stack) -> None:
+    created = await stack.http.post(
+        "/v2/nvcf/functions",
+        json={"name": "put-version", "inferenceUrl": "/echo", "containerImage": "example.com/e:1", "tags": ["a"]},
+    )
+    function = created.json()["function"]
+    path = f"/v2/nvcf/functions/{function['id']}/versions/{function['versionId']}"
+    limited = await stack.http.put(path, json={"rateLimit": {"rateLimit": "10-S"}})
+    assert limited.status_code == 200, limited.text
+    assert limited.json()["function"]["tags"] == ["a"]
+    assert limited.json()["function"]["rateLimit"]["rateLimit"] == "10-S"
+    tagged = await stack.http.put(path, json={"tags": ["b", "c"]})
+    assert tagged.json()["function"]["tags"] == ["b", "c"]
+    assert tagged.json()["function"]["rateLimit"]["rateLimit"] == "10-S"
+    empty = await stack.http.put(path, json={})
+    assert empty.status_code == 400
+    assert empty.headers["content-type"] == "application/problem+json"
+    bad = await stack.http.put(path, json={"rateLimit": {"rateLimit": "ten per second"}})
+    assert bad.status_code == 400

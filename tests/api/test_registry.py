@@ -451,7 +451,7 @@ async def test_secret_values_appear_nowhere_in_the_api_log(secret_function: Secr
 async def test_put_version_updates_tags_and_rate_limit_keeping_what_is_left_out(stack: Stack) -> None:
     created = await stack.http.post(
         "/v2/nvcf/functions",
-        json={"name": "put-version", "inferenceUrl": "/echo", "containerImage": "example.com/e:1", "tags": ["a"]},
+        json={"name": "put-version", "inferenceUrl": "/echo", "containerImage": "e.com/e:1", "tags": ["a"]},
     )
     function = created.json()["function"]
     path = f"/v2/nvcf/functions/{function['id']}/versions/{function['versionId']}"

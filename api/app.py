@@ -110,6 +110,8 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
             temporal, settings.task_queue, settings.resolved_admin_key(), settings.admin_account
         )
         await key_cache.start()
+        gateway = _build_gateway(settings, key_cache)
+        await gateway.start()
         context = AppContext(
             settings=settings,
             client=temporal,
@@ -117,11 +119,9 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
             registry=FunctionRegistry(temporal, settings.task_queue),
             secret_box=SecretBox(settings.resolved_secret_key()),
             cluster_groups=build_cluster_groups(settings),
+            gateway=gateway,
+            route_sync=RouteSync(temporal, gateway.routes, settings.routes_poll_interval),
         )
-        gateway = _build_gateway(settings, key_cache)
-        await gateway.start()
-        context.gateway = gateway
-        context.route_sync = RouteSync(temporal, gateway.routes, settings.routes_poll_interval)
         await context.route_sync.start()
         app.state.context = context
         try:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
 from api.auth import KeyCache
+from api.gateway import Gateway
 from api.principal import Principal
 from api.problems import ProblemError
 from api.registry import FunctionRegistry
+from api.route_sync import RouteSync
 from api.schemas import describe_validation_error
+from gpufn.cluster_groups import ClusterGroups
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
 
@@ -32,9 +35,9 @@ class AppContext:
     keys: KeyCache
     registry: FunctionRegistry
     secret_box: SecretBox
-    cluster_groups: Any
-    gateway: Any = None
-    route_sync: Any = None
+    cluster_groups: ClusterGroups
+    gateway: Gateway
+    route_sync: RouteSync
 
 
 def get_context(request: Request) -> AppContext:

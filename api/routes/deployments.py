@@ -91,8 +91,7 @@ def _specifications(
 
 def _apply_route(context: AppContext, state: VersionState) -> None:
     """Show this replica's gateway the change at once; the others see it through visibility."""
-    if context.gateway is not None:
-        context.gateway.routes.apply(route_memo(state))
+    context.gateway.routes.apply(route_memo(state))
 
 
 @router.post("/deployments/functions/{function_id}/versions/{version_id}")

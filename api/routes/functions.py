@@ -230,7 +230,6 @@ async def delete_version(function_id: str, version_id: str, principal: Deleter, 
     state = await context.registry.update(
         principal.account, function_id, version_id, FunctionVersionWorkflow.delete, DeleteRequest()
     )
-    if context.gateway is not None:
-        context.gateway.routes.remove(version_id)
+    context.gateway.routes.remove(version_id)
     assert state.status == FunctionStatus.DELETED
     return Response(status_code=204)

@@ -80,8 +80,6 @@ async def load(principal: Admin, context: Context) -> dict[str, Any]:
     """Return this replica's per-version load (the autoscaler's signal and the drain's)."""
     if not principal.admin:
         raise ProblemError(403, "Internal endpoint: admin key only")
-    if context.gateway is None:
-        return {"versions": {}}
     snapshot: dict[str, Any] = context.gateway.load_snapshot()
     return snapshot
 
@@ -98,9 +96,7 @@ async def metrics(principal: Admin, context: Context) -> PlainTextResponse:
     """Return the gateway's per-version gauges in Prometheus' text format (admin key)."""
     if not principal.admin:
         raise ProblemError(403, "Metrics: admin key only")
-    versions: dict[str, Any] = (
-        context.gateway.load_snapshot()["versions"] if context.gateway is not None else {}
-    )
+    versions: dict[str, Any] = context.gateway.load_snapshot()["versions"]
     lines: list[str] = []
     for field, name, help_text in _GAUGES:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]

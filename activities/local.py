@@ -447,7 +447,9 @@ class LocalSupervisor:
                             self._notify(instance.versionId)
                 continue
             code = self._reap(instance.pid)
-            if _proc_start_time(instance.pid) != instance.procStart:
+            # A command that exits at once can be a zombie before its start time is read (procStart is
+            # None then, like the dead process's), so the exit code of our own child counts first.
+            if code is not None or _proc_start_time(instance.pid) != instance.procStart:
                 detail = f"exited with code {code}" if code is not None else "exited"
                 self._fail(instance, f"Instance {instance.instanceId} {detail}")
                 continue

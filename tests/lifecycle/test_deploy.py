@@ -96,3 +96,11 @@ async def test_numpy_model_example_deploys_and_classifies(stack: Stack) -> None:
     assert bad.status_code == 400
     assert bad.headers["NVCF-STATUS"] == "errored"
     assert "bad input" in bad.json()["detail"]
+
+
+async def test_a_command_that_exits_before_it_is_watched_still_fails_fast(stack: Stack) -> None:
+    # `false` can exit before the supervisor reads its start time; its exit code must still count.
+    function = await create(stack, echo_function("exits-instantly", containerArgs="false"))
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    body = await wait_status(stack, function, "ERROR", timeout=10)
+    assert "exited with code 1" in body["healthInfo"][0]["error"]

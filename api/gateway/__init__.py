@@ -1,6 +1,6 @@
 """The invocation gateway (data plane): NVCF's pexec, status and queue endpoints, no Temporal on the path.
 
-The lead's code owns the wiring: it builds one `Gateway` per API process, feeds `gateway.routes` from
+`api/app.py` owns the wiring: it builds one `Gateway` per API process, feeds `gateway.routes` from
 visibility (`apply(route_memo)` / `remove(version_id)`), puts `gateway.handle` in front of the FastAPI app
 and calls `start()` and `close()` from the app's lifespan.
 """

@@ -1,6 +1,6 @@
 """The routing table: which versions exist, whether they take new requests, and which instances serve them.
 
-It is fed with the dicts that `workflows.routes.route_memo` publishes (by the lead's visibility poller:
+It is fed with the dicts that `workflows.routes.route_memo` publishes (by `api/route_sync.py`:
 `apply(route)` for every version seen, `remove(version_id)` for a version that disappeared), and read on
 every invocation with plain dict lookups. Each version also carries its request queue and the in-flight
 count of each instance, because those outlive route changes: a request in flight on an instance that

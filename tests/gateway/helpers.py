@@ -1,6 +1,6 @@
 """Helpers of the gateway tests: real echo instances (subprocesses), real uvicorn servers, real HTTP.
 
-The one thing mocked is `authenticate`: keys live in Temporal (the lead's key store), so a dict of
+The one thing mocked is `authenticate`: keys live in Temporal (the key registry workflow), so a dict of
 principals stands in for it. Routes are built with `workflows.routes.route_memo` itself, so the route
 table is fed exactly what the lifecycle workflows publish.
 """
@@ -56,7 +56,7 @@ KEYS: dict[str, Principal] = {
 
 
 def authenticate(header: str | None) -> Principal | None:
-    """Stand-in for the lead's key store (which lives in Temporal): the only mocked part."""
+    """Stand-in for the key registry (which lives in Temporal): the only mocked part."""
     return KEYS.get(header or "")
 
 

@@ -33,6 +33,7 @@ from gpufn.settings import Settings
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.key_registry import KeyRegistryWorkflow
+from workflows.models import ReconcileSignal
 
 log = logging.getLogger("gpufn.worker")
 
@@ -122,6 +123,32 @@ async def build_worker(
         await resolver.close()
 
 
+DEPLOYED_QUERY = (
+    "ExecutionStatus = 'Running' AND GpufnStatus IN ('ACTIVE', 'DEPLOYING', 'DEGRADING', 'DEGRADED')"
+)
+REATTACH_CONCURRENCY = 16
+
+
+async def reattach_deployed_versions(client: Client) -> int:
+    """Send `reconcile_now` to every deployed version, so its watchers run on a live worker at once.
+
+    A worker that died took its watcher activities with it; Temporal would retry them only after their
+    heartbeat timeout.
+    Returns how many versions were signalled.
+    """
+    semaphore = asyncio.Semaphore(REATTACH_CONCURRENCY)
+
+    async def signal(workflow_id: str) -> None:
+        async with semaphore:
+            with contextlib.suppress(RPCError):
+                handle = client.get_workflow_handle(workflow_id)
+                await handle.signal(FunctionVersionWorkflow.reconcile_now, ReconcileSignal())
+
+    ids = [execution.id async for execution in client.list_workflows(DEPLOYED_QUERY)]
+    await asyncio.gather(*(signal(workflow_id) for workflow_id in ids))
+    return len(ids)
+
+
 async def run(settings: Settings) -> None:
     """Connect, register search attributes, and run the worker until a signal arrives."""
     client = await Client.connect(
@@ -137,6 +164,8 @@ async def run(settings: Settings) -> None:
     async with build_worker(client, settings) as (worker, _):
         log.info("Worker polling task queue %s on %s", settings.task_queue, settings.temporal_target)
         worker_task = asyncio.create_task(worker.run())
+        reattached = await reattach_deployed_versions(client)
+        log.info("Re-attached %d function versions", reattached)
         stop_task = asyncio.create_task(stop.wait())
         await asyncio.wait([worker_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
         if not worker_task.done():

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 LOAD_PATH = "/internal/v1/load"
 TICK_SECONDS = 0.5
-IDLE_TICK_SECONDS = 2.0
+IDLE_TICK_SECONDS = 5.0
 """A version without load is re-decided this often (idle timers), or at once when load appears."""
-HEARTBEAT_EVERY_SECONDS = 3.0
+HEARTBEAT_EVERY_SECONDS = 10.0
 DRAIN_POLL_SECONDS = 0.2
 
 

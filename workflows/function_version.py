@@ -66,9 +66,10 @@ PREPARE_RETRY = RetryPolicy(
 ACTION_TIMEOUT = timedelta(minutes=10)
 ACTION_HEARTBEAT = timedelta(seconds=10)
 WATCH_MAX_WAIT_SECONDS = 3600.0
-WATCH_HEARTBEAT = timedelta(seconds=30)
+WATCH_HEARTBEAT = timedelta(seconds=60)
 """Watchers run as long as a version is deployed; every heartbeat is a write on the Temporal server, so
-they beat rarely (the SDK sends at most one per 0.8 x this). A dead worker's watchers restart within it."""
+they beat rarely (the SDK sends at most one per 0.8 x this). A restarted worker does not wait for a dead
+worker's watchers to time out: it sends `reconcile_now` to every deployed version, which restarts them."""
 FAILURES_BEFORE_HEALTH_INFO = 3
 """Consecutive failures of a spec's instances after which the failure is shown in healthInfo."""
 
@@ -93,6 +94,7 @@ class FunctionVersionWorkflow:
         self._observer: asyncio.Task[ObservedInstances] | None = None
         self._load_watcher: asyncio.Task[WatchLoadResult] | None = None
         self._published: tuple[Any, ...] | None = None
+        self._reattach_watchers = False
 
     # --- Main loop ----------------------------------------------------------------------------------
 
@@ -107,6 +109,11 @@ class FunctionVersionWorkflow:
                 self._dirty = False
             else:
                 self._dirty = False
+                if self._reattach_watchers:
+                    # The watchers may belong to a worker that died: start fresh ones on a live worker
+                    # now instead of waiting for their heartbeats to time out.
+                    self._reattach_watchers = False
+                    await self._stop_watchers()
                 async with self._lock:
                     if self._state.deployment is not None:
                         await self._reconcile(self._state.deployment)
@@ -758,7 +765,12 @@ class FunctionVersionWorkflow:
 
     @workflow.signal
     def reconcile_now(self, signal: ReconcileSignal) -> None:
-        """Re-observe the instances and re-apply the desired state now."""
+        """Re-observe the instances, re-apply the desired state and restart the watchers now.
+
+        Every worker sends this to the deployed versions when it starts, so versions whose watchers ran
+        on a worker that died are watched again at once.
+        """
+        self._reattach_watchers = True
         self._dirty = True
 
     @workflow.signal

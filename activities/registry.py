@@ -12,8 +12,7 @@ repository, tag or chart and refused credentials are permanent (non-retryable `A
 message carries the registry's own error text, which the workflow shows in `healthInfo`); connection
 errors, 5xx and 429 are transient and left to the activity's retry policy.
 
-Configuration (read by `RegistryConfig.from_settings`, from `Settings` fields once declared there, else
-from the environment):
+Configuration (the settings `registry_credentials` and `insecure_registries`):
 
 * `GPUFN_REGISTRY_CREDENTIALS`: JSON `{"host[:port]": {"username": "...", "password": "..."}}`; used for
   Basic auth and for the Bearer token exchange of images, OCI charts and chart URLs of that host.
@@ -28,7 +27,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import time
@@ -45,6 +43,7 @@ from multidict import CIMultiDict
 from temporalio.exceptions import ApplicationError
 
 from activities.backend import Backend
+from gpufn.settings import Settings
 from workflows.models import (
     DeploymentSpecification,
     EnsureInstancesInput,
@@ -174,39 +173,19 @@ class RegistryConfig:
         object.__setattr__(self, "insecure", frozenset(normalize_host(h) for h in self.insecure))
 
     @classmethod
-    def from_settings(cls, settings: object | None = None) -> RegistryConfig:
-        """Read `registry_credentials` and `insecure_registries` from a settings object, else the environment.
-
-        Until `Settings` declares the fields, pydantic ignores the variables, so they are read from
-        `GPUFN_REGISTRY_CREDENTIALS` and `GPUFN_INSECURE_REGISTRIES` directly.
-
-        Args:
-            settings: An object that may have `registry_credentials` (a mapping of host to a mapping or
-                object with `username` and `password`) and `insecure_registries` (a list of hosts).
+    def from_settings(cls, settings: Settings) -> RegistryConfig:
+        """Read `registry_credentials` and `insecure_registries` from the settings.
 
         Raises:
-            ValueError: A variable is not the JSON it should be.
+            ValueError: A registry's credential lacks a username or a password.
         """
-        raw_credentials: Any = getattr(settings, "registry_credentials", None)
-        if raw_credentials is None:
-            text = os.environ.get(ENV_CREDENTIALS, "").strip()
-            raw_credentials = json.loads(text) if text else {}
-        raw_insecure: Any = getattr(settings, "insecure_registries", None)
-        if raw_insecure is None:
-            text = os.environ.get(ENV_INSECURE, "").strip()
-            raw_insecure = json.loads(text) if text else []
-        if not isinstance(raw_credentials, Mapping) or not isinstance(raw_insecure, list | tuple | set):
-            raise ValueError(f"{ENV_CREDENTIALS} must be a JSON object and {ENV_INSECURE} a JSON list")
         credentials = {}
-        for host, value in raw_credentials.items():
-            if isinstance(value, Mapping):
-                username, password = value.get("username"), value.get("password")
-            else:
-                username, password = getattr(value, "username", None), getattr(value, "password", None)
-            if not isinstance(username, str) or not isinstance(password, str):
-                raise ValueError(f"{ENV_CREDENTIALS}: '{host}' needs a string username and password")
+        for host, value in settings.registry_credentials.items():
+            username, password = value.get("username"), value.get("password")
+            if not username or not password:
+                raise ValueError(f"{ENV_CREDENTIALS}: '{host}' needs a username and a password")
             credentials[str(host)] = RegistryCredential(username, password)
-        return cls(credentials=credentials, insecure=frozenset(str(h) for h in raw_insecure))
+        return cls(credentials=credentials, insecure=frozenset(settings.insecure_registries))
 
     def credential_for(self, host: str) -> RegistryCredential | None:
         """Return the credential configured for a registry host, if any."""
@@ -464,14 +443,14 @@ class RegistryResolver:
     and scope until they expire. Use it as an async context manager, or call `close()`.
 
     Args:
-        config: Credentials and insecure hosts; default `RegistryConfig.from_settings()` (the environment).
+        config: Credentials and insecure hosts; default: none, loopback registries over plain HTTP.
         session: An aiohttp session to use instead of the resolver's own (not closed by `close()`).
     """
 
     def __init__(
         self, config: RegistryConfig | None = None, *, session: aiohttp.ClientSession | None = None
     ) -> None:
-        self._config = config if config is not None else RegistryConfig.from_settings()
+        self._config = config if config is not None else RegistryConfig()
         self._session = session
         self._owns_session = session is None
         self._tokens: dict[tuple[str, str], _Token] = {}

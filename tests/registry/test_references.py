@@ -17,6 +17,7 @@ from activities.registry import (
     parse_image_reference,
     pin_image,
 )
+from gpufn.settings import Settings
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -72,7 +73,7 @@ def test_chart_pins() -> None:
 def test_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_CREDENTIALS, json.dumps({"index.docker.io": {"username": "u", "password": "p"}}))
     monkeypatch.setenv(ENV_INSECURE, json.dumps(["registry.lan:5000"]))
-    config = RegistryConfig.from_settings(object())
+    config = RegistryConfig.from_settings(Settings())
     assert config.credential_for("docker.io") == RegistryCredential("u", "p")
     assert config.credential_for("registry-1.docker.io") == RegistryCredential("u", "p")
     assert config.credential_for("nvcr.io") is None
@@ -82,18 +83,6 @@ def test_config_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.scheme_for("nvcr.io") == "https"
 
 
-def test_config_prefers_declared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_CREDENTIALS, "{}")
-
-    class Declared:
-        registry_credentials = {"nvcr.io": {"username": "$oauthtoken", "password": "nvapi-x"}}
-        insecure_registries: list[str] = []
-
-    config = RegistryConfig.from_settings(Declared())
-    assert config.credential_for("nvcr.io") == RegistryCredential("$oauthtoken", "nvapi-x")
-
-
-def test_config_rejects_malformed_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_CREDENTIALS, json.dumps({"nvcr.io": {"username": "u"}}))
+def test_config_rejects_malformed_credentials() -> None:
     with pytest.raises(ValueError, match=r"nvcr\.io"):
-        RegistryConfig.from_settings(None)
+        RegistryConfig.from_settings(Settings(registry_credentials={"nvcr.io": {"username": "u"}}))

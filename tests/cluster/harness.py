@@ -58,6 +58,17 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "gpufn" / "kube-1.20.2"
 
 
+def helm_environment(home: Path) -> dict[str, str]:
+    """Return this process's environment with helm's cache, config and data homes under ``home``."""
+    env = dict(os.environ)
+    env.update(
+        HELM_CACHE_HOME=str(home / "cache"),
+        HELM_CONFIG_HOME=str(home / "config"),
+        HELM_DATA_HOME=str(home / "data"),
+    )
+    return env
+
+
 def binaries_present(bin_dir: Path | None = None) -> bool:
     """Whether every binary the cluster needs is in ``bin_dir`` (default: the cache's ``bin/``)."""
     bin_dir = bin_dir or cache_dir() / "bin"
@@ -359,14 +370,8 @@ class TestCluster:
 
     def helm_env(self) -> dict[str, str]:
         """Environment for running helm against the cluster, with helm's homes inside the state dir."""
-        home = self.workdir / "helm"
-        env = dict(os.environ)
-        env.update(
-            KUBECONFIG=str(self.kubeconfig_path),
-            HELM_CACHE_HOME=str(home / "cache"),
-            HELM_CONFIG_HOME=str(home / "config"),
-            HELM_DATA_HOME=str(home / "data"),
-        )
+        env = helm_environment(self.workdir / "helm")
+        env["KUBECONFIG"] = str(self.kubeconfig_path)
         return env
 
     def create_namespace(self, name: str, timeout: float = 30.0) -> None:

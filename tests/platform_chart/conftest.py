@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.cluster.fixtures import kube_cluster
-from tests.cluster.harness import cache_dir
+from tests.cluster.harness import cache_dir, helm_environment
 from tests.conftest import ROOT
 
 __all__ = ["CHART", "REQUIRED", "Helm", "helm", "kube_cluster"]
@@ -80,13 +80,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     binary = cache_dir() / "bin" / "helm"
     if not os.access(binary, os.X_OK):
         pytest.skip(f"no helm at {binary}: run bash tests/cluster/build.sh (make test-cluster)")
-    home = tmp_path_factory.mktemp("helm-home")
-    env = dict(os.environ)
-    env.update(
-        HELM_CACHE_HOME=str(home / "cache"),
-        HELM_CONFIG_HOME=str(home / "config"),
-        HELM_DATA_HOME=str(home / "data"),
-    )
+    env = helm_environment(tmp_path_factory.mktemp("helm-home"))
     env.pop("KUBECONFIG", None)
     return Helm(binary, env)
 

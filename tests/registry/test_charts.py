@@ -130,19 +130,12 @@ async def test_archive_behind_basic_auth() -> None:
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The helm binary tests/cluster/build.sh caches, with private helm homes; skip when it is not built."""
-    from tests.cluster.harness import cache_dir
+    from tests.cluster.harness import cache_dir, helm_environment
 
     binary = cache_dir() / "bin" / "helm"
     if not os.access(binary, os.X_OK):
         pytest.skip(f"no helm at {binary}: run bash tests/cluster/build.sh")
-    home = tmp_path_factory.mktemp("helm-home")
-    env = dict(os.environ)
-    env.update(
-        HELM_CACHE_HOME=str(home / "cache"),
-        HELM_CONFIG_HOME=str(home / "config"),
-        HELM_DATA_HOME=str(home / "data"),
-    )
-    return binary, env
+    return binary, helm_environment(tmp_path_factory.mktemp("helm-home"))
 
 
 @pytest.fixture(scope="module")

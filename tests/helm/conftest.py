@@ -9,23 +9,21 @@ import json
 import subprocess
 import sys
 import tarfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
 
 import tests.conftest as root
-from gpufn.kube_inventory import cluster_group_name
 from tests.cluster.fixtures import kube_cluster
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, running_stack
-from tests.kubernetes.conftest import ECHO_SERVER, KUBE_SETTINGS, START_TIMEOUT
+from tests.kubernetes.conftest import ECHO_SERVER, KUBE_SETTINGS, START_TIMEOUT, group, kube_api
 from tests.registry.servers import StaticServer
 
-__all__ = ["kube_cluster"]
+__all__ = ["group", "kube_api", "kube_cluster"]
 
 ECHO_CHART = Path(root.ROOT) / "examples" / "echo-chart"
 CHART_PATH = "/charts/echo-0.1.0.tgz"
@@ -133,16 +131,3 @@ async def helm_stack(
         **KUBE_SETTINGS,
     ) as stack:
         yield stack
-
-
-@pytest.fixture(scope="module")
-def kube_api(kube_cluster: TestCluster) -> Iterator[client.ApiClient]:
-    """An admin API client of the test cluster."""
-    with kube_cluster.api_client() as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
-def group(kube_cluster: TestCluster) -> str:
-    """The test cluster's cluster group name."""
-    return cluster_group_name(Path(kube_cluster.kubeconfig_path))

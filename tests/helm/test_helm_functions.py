@@ -20,7 +20,16 @@ from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, eventually
 from tests.helm.conftest import CHART_PATH, SLOW_CHART_PATH, echo_values, helm_function, run_helm
 from tests.kubernetes.conftest import gpu_spec
-from tests.lifecycle.helpers import create, deployment, deployment_path, wait_running, wait_status
+from tests.lifecycle.helpers import (
+    create,
+    deploy,
+    deployment,
+    deployment_path,
+    pexec,
+    undeploy,
+    wait_running,
+    wait_status,
+)
 from tests.registry.servers import StaticServer
 from workflows.models import VersionRef
 
@@ -52,20 +61,6 @@ def namespace_exists(api: client.ApiClient, function: dict[str, Any]) -> bool:
             return False
         raise
     return True
-
-
-def pexec(function: dict[str, Any]) -> str:
-    return f"/v2/nvcf/pexec/functions/{function['id']}"
-
-
-async def deploy(stack: Stack, function: dict[str, Any], body: dict[str, Any]) -> None:
-    response = await stack.http.post(deployment_path(function), json=body)
-    assert response.status_code == 200, response.text
-
-
-async def undeploy(stack: Stack, function: dict[str, Any]) -> None:
-    response = await stack.http.delete(deployment_path(function))
-    assert response.status_code == 200, response.text
 
 
 async def answers(stack: Stack, function: dict[str, Any], body: dict[str, Any]) -> httpx.Response:

@@ -18,7 +18,16 @@ from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, echo_function, eventually
 from tests.kubernetes.conftest import echo_command, gpu_spec
-from tests.lifecycle.helpers import create, deployment, deployment_path, wait_running, wait_status
+from tests.lifecycle.helpers import (
+    create,
+    deploy,
+    deployment,
+    deployment_path,
+    pexec,
+    undeploy,
+    wait_running,
+    wait_status,
+)
 
 pytestmark = pytest.mark.kubernetes
 
@@ -58,20 +67,6 @@ async def wait_gone(api: client.ApiClient, function: dict[str, Any], timeout: fl
         return objects_of(api, function) == NOTHING
 
     await eventually(gone, timeout=timeout)
-
-
-def pexec(function: dict[str, Any]) -> str:
-    return f"/v2/nvcf/pexec/functions/{function['id']}"
-
-
-async def deploy(stack: Stack, function: dict[str, Any], body: dict[str, Any]) -> None:
-    response = await stack.http.post(deployment_path(function), json=body)
-    assert response.status_code == 200, response.text
-
-
-async def undeploy(stack: Stack, function: dict[str, Any]) -> None:
-    response = await stack.http.delete(deployment_path(function))
-    assert response.status_code == 200, response.text
 
 
 async def test_cluster_group_comes_from_the_nodes(kube_stack: Stack, group: str) -> None:

@@ -69,3 +69,20 @@ def instance_records(stack: Stack, function: dict[str, Any]) -> list[dict[str, A
         if record["versionId"] == function["versionId"]:
             records.append(record)
     return records
+
+
+def pexec(function: dict[str, Any]) -> str:
+    """Return the function-level invocation path."""
+    return f"/v2/nvcf/pexec/functions/{function['id']}"
+
+
+async def deploy(stack: Stack, function: dict[str, Any], body: dict[str, Any]) -> None:
+    """Deploy a version and assert the API accepted it."""
+    response = await stack.http.post(deployment_path(function), json=body)
+    assert response.status_code == 200, response.text
+
+
+async def undeploy(stack: Stack, function: dict[str, Any]) -> None:
+    """Undeploy a version at once and assert the API accepted it."""
+    response = await stack.http.delete(deployment_path(function))
+    assert response.status_code == 200, response.text

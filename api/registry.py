@@ -7,6 +7,7 @@ changing one is one validated update. Temporal errors become problem details her
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,13 +83,7 @@ class FunctionRegistry:
 
     async def list_summaries(self, account: str, function_id: str | None = None) -> list[dict[str, Any]]:
         """Return the list entries of the account's live versions (of one function, when given)."""
-        summaries = []
-        async for execution in self._client.list_workflows(_list_query(account, function_id), page_size=1000):
-            memo = await execution.memo()
-            summary = memo.get("summary")
-            if isinstance(summary, dict):
-                summaries.append(summary)
-        summaries.sort(key=lambda s: (s.get("createdAt", ""), s.get("versionId", "")))
+        summaries: list[dict[str, Any]] = json.loads(await self.list_summaries_json(account, function_id))
         return summaries
 
     async def list_summaries_json(self, account: str, function_id: str | None = None) -> bytes:

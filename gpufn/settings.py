@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field
@@ -111,20 +113,17 @@ class Settings(BaseSettings):
         """Return the secret-sealing key: configured, or generated once into the state directory."""
         if self.secret_key:
             return self.secret_key
-        import base64
-
         return _read_or_create(
             self.home / SECRET_KEY_FILE, lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
         )
 
 
-def _read_or_create(path: Path, make: object) -> str:
+def _read_or_create(path: Path, make: Callable[[], str]) -> str:
     """Read a one-line secret file, creating it (mode 0600) on first use."""
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    assert callable(make)
-    value: str = make()
+    value = make()
     tmp = path.with_suffix(".tmp")
     tmp.write_text(value + "\n")
     tmp.chmod(0o600)

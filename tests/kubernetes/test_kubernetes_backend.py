@@ -314,7 +314,14 @@ async def test_deleted_pod_degrades_then_heals(
 async def test_scale_up_and_down_without_a_failed_request(
     kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
-    function = await create(kube_stack, echo_function("k8s-scale", containerArgs=echo_command()))
+    # Pods take a few seconds to become ready, as GPU pods do (the fake kubelet's are ready at once
+    # otherwise). Kubernetes 1.20 has no pod-deletion-cost: the backend releases the drained pod from its
+    # ReplicaSet before lowering replicas, and the ReplicaSet's own replacement must still be starting
+    # when the count drops, so that it (not a serving pod) is the one the ReplicaSet removes.
+    slow_start = [{"key": "ECHO_START_SECONDS", "value": "3"}]
+    function = await create(
+        kube_stack, echo_function("k8s-scale", containerArgs=echo_command(), containerEnvironment=slow_start)
+    )
     await deploy(kube_stack, function, gpu_spec(group))
     body = await wait_running(kube_stack, function, 1, timeout=60)
     [first] = [i["instanceId"] for i in body["instances"]]

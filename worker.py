@@ -27,6 +27,7 @@ from activities.helm import HelmBackend, HelmSettings, KubernetesGroupBackend
 from activities.kubernetes import KubeSettings, kubernetes_backends
 from activities.local import LocalBackend, LocalSupervisor, parse_local_gpus
 from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
+from activities.watcher import WatchActivities
 from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
@@ -38,7 +39,7 @@ from workflows.models import ReconcileSignal
 log = logging.getLogger("gpufn.worker")
 
 MAX_CONCURRENT_ACTIVITIES = 4000
-"""Watcher activities run for as long as a version is deployed, so slots are many and cheap."""
+"""A version watcher runs for as long as its version is deployed, so slots are many and cheap."""
 
 _INDEXED_TYPES = {
     "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
@@ -97,6 +98,7 @@ async def build_worker(
     monitor = LoadMonitor(settings.gateways, settings.resolved_admin_key())
     backend_activities = BackendActivities(backends)
     gateway_activities = GatewayActivities(monitor)
+    watch_activities = WatchActivities(backend_activities, monitor)
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -106,8 +108,10 @@ async def build_worker(
             backend_activities.ensure_instances,
             backend_activities.observe_instances,
             backend_activities.teardown,
-            gateway_activities.watch_load,
             gateway_activities.wait_drained,
+            watch_activities.watch_version,
+            # The watchers of versions started before `watch_version` existed.
+            gateway_activities.watch_load,
         ],
         max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
     )

@@ -80,7 +80,8 @@ async def heartbeating(details: object = None) -> AsyncIterator[None]:
         task.cancel()
 
 
-def _fingerprint(instances: list[InstanceRecord]) -> set[tuple[str, str, str | None, str | None]]:
+def instances_fingerprint(instances: list[InstanceRecord]) -> set[tuple[str, str, str | None, str | None]]:
+    """Return what identifies a change of instances: their IDs, statuses, addresses and errors."""
     # The error text counts: a STARTING instance's reason (no free GPU, unschedulable) is news too.
     return {(i.instanceId, i.status.value, i.address, i.error) for i in instances}
 
@@ -97,7 +98,8 @@ class BackendActivities:
             raise UnknownClusterGroupError(cluster_group)
         return backend
 
-    def _groups(self, specs: list[DeploymentSpecification]) -> list[Backend]:
+    def backends_for(self, specs: list[DeploymentSpecification]) -> list[Backend]:
+        """Return the backends of the specs' cluster groups, each once."""
         seen: dict[str, Backend] = {}
         for spec in specs:
             seen.setdefault(spec.clusterGroup, self._backend(spec.clusterGroup))
@@ -120,15 +122,20 @@ class BackendActivities:
     async def observe_instances(self, request: ObserveInput) -> ObservedInstances:
         """Return the version's instances; with `waitForChange`, only once they differ from `known`.
 
-        Heartbeats while it waits, so the workflow's history stays still while nothing changes.
+        Heartbeats while it waits, so the workflow's history stays still while nothing changes. Waiting
+        here is what workflows started before the single version watcher (`watch_version`) still do.
         """
-        backends = self._groups(request.specs)
+        backends = self.backends_for(request.specs)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.maxWaitSeconds
-        known = _fingerprint(request.known)
+        known = instances_fingerprint(request.known)
         while True:
             instances = [i for backend in backends for i in await backend.observe(request.ref, request.specs)]
-            if not request.waitForChange or _fingerprint(instances) != known or loop.time() >= deadline:
+            if (
+                not request.waitForChange
+                or instances_fingerprint(instances) != known
+                or loop.time() >= deadline
+            ):
                 return ObservedInstances(instances=instances)
             activity.heartbeat()
             waits = [
@@ -147,5 +154,5 @@ class BackendActivities:
     async def teardown(self, request: TeardownInput) -> None:
         """Remove every instance and object of the version (idempotent)."""
         async with heartbeating():
-            for backend in self._groups(request.specs):
+            for backend in self.backends_for(request.specs):
                 await backend.teardown(request.ref, request.specs)

@@ -2,7 +2,8 @@
 
 Load is measured where requests are: at every API replica's gateway. One `LoadMonitor` per worker polls
 every replica's internal load endpoint once per tick, for all versions at once, so a thousand watched
-versions cost one small HTTP call per replica per tick, not a thousand.
+versions cost one small HTTP call per replica per tick, not a thousand; and each reply carries only the
+versions whose load changed since the previous one, so idle versions cost nothing per tick.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class VersionLoad:
         return self.queued + self.inFlight
 
 
+@dataclass
+class _GatewayReport:
+    """The last full view of one gateway's load report, kept up to date with its deltas."""
+
+    epoch: str
+    generation: int
+    versions: dict[str, Any]
+
+
 class LoadMonitor:
     """Polls every gateway's per-version load on a shared tick, while anyone is watching."""
 
@@ -63,6 +73,7 @@ class LoadMonitor:
         self._session: aiohttp.ClientSession | None = None
         self._autoscaler_states: dict[str, AutoscalerState] = {}
         self._load_changed: dict[str, asyncio.Event] = {}
+        self._reports: dict[str, _GatewayReport] = {}
 
     async def close(self) -> None:
         """Stop polling."""
@@ -97,7 +108,7 @@ class LoadMonitor:
         await self._tick_event.wait()
 
     async def next_change(self, version_id: str, max_wait: float) -> None:
-        """Wait until a poll finds the version's load changed, or `max_wait` seconds.
+        """Wait until a poll finds the version's load (or the gateways' reachability) changed, or `max_wait`.
 
         Idle versions wait here instead of on every tick, so a thousand of them cost a wake-up each
         every couple of seconds, while a load step still reaches its autoscaler on the next poll.
@@ -145,24 +156,40 @@ class LoadMonitor:
                     total.instances[instance_id] = total.instances.get(instance_id, 0) + int(count)
         previous = self._loads
         self._loads = loads
+        reachability_changed = reached != self._reachable
         self._reachable = reached
         for version_id in list(self._load_changed):
             before, now = previous.get(version_id), loads.get(version_id)
-            if (before.total if before else 0) != (now.total if now else 0):
+            if reachability_changed or (before.total if before else 0) != (now.total if now else 0):
                 self._load_changed.pop(version_id).set()
 
     async def _fetch(self, base_url: str) -> dict[str, Any] | None:
+        """Return the gateway's current report (every version), updated with the delta it sent."""
         assert self._session is not None
+        known = self._reports.get(base_url)
+        params = {"since": str(known.generation), "epoch": known.epoch} if known is not None else {}
         try:
             async with self._session.get(
-                base_url.rstrip("/") + LOAD_PATH, headers=self._headers, ssl=False
+                base_url.rstrip("/") + LOAD_PATH, headers=self._headers, params=params, ssl=False
             ) as resp:
                 if resp.status != 200:
+                    self._reports.pop(base_url, None)
                     return None
                 body: dict[str, Any] = await resp.json()
-                return body
         except (aiohttp.ClientError, TimeoutError, ValueError):
+            self._reports.pop(base_url, None)
             return None
+        if "epoch" not in body:
+            return body  # a gateway that only sends full reports
+        if body.get("full") or known is None:
+            known = _GatewayReport(epoch=str(body["epoch"]), generation=0, versions={})
+        known.versions.update(body.get("versions", {}))
+        for version_id in body.get("removed", []):
+            known.versions.pop(version_id, None)
+        known.epoch = str(body["epoch"])
+        known.generation = int(body.get("generation", 0))
+        self._reports[base_url] = known
+        return {"versions": known.versions}
 
 
 class GatewayActivities:
@@ -173,7 +200,10 @@ class GatewayActivities:
 
     @activity.defn
     async def watch_load(self, request: WatchLoadInput) -> WatchLoadResult:
-        """Run the autoscaler on the version's load; return when it wants a count other than `current`."""
+        """Run the autoscaler on the version's load; return when it wants a count other than `current`.
+
+        Only workflows started before the single version watcher (`watch_version`) still run this one.
+        """
         version_id = request.ref.versionId
         details = activity.info().heartbeat_details
         state: AutoscalerState | None = None

@@ -36,6 +36,7 @@ Both, in this order after the policy:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal, Self
@@ -521,6 +522,54 @@ class Autoscaler:
         if load > 0:
             st.lastNonzeroAt = now if st.lastNonzeroAt is None else max(st.lastNonzeroAt, now)
         self._prune(now)
+
+    def record_zero_until(self, now: float) -> None:
+        """Record zero load for every whole second since the last sample, up to (not including) `now`.
+
+        For a caller that knows the load stayed zero while it did not sample (it slept until the load
+        changed): without these samples the windows would average only over the new load, as after a
+        restart, and overreact to it.
+        """
+        st = self._state
+        if st.lastRecordAt is None or st.lastLoad > 0:
+            return
+        horizon = max(self._settings.stableWindowSeconds, self._settings.panicWindowSeconds)
+        first = max(math.floor(st.lastRecordAt) + 1, math.floor(now) - math.ceil(horizon))
+        for second in range(first, math.floor(now)):
+            _add_sample(st.buckets, second, 0.0)
+        if self._policy is not None and self._policy.longest_window_minutes > 0:
+            last_minute = math.floor(st.lastRecordAt / 60.0)
+            first_minute = max(last_minute + 1, math.floor(now / 60.0) - self._policy.longest_window_minutes)
+            for minute in range(first_minute, math.floor(now / 60.0)):
+                _add_sample(st.minuteBuckets, minute, 0.0)
+
+    def steady_without_load(self, now: float, ready: int, current: int) -> bool:
+        """Return whether the decision stays `current` for as long as the load stays zero.
+
+        With zero load the wanted count can only fall as windows, delays and idle timeouts run out, so
+        it is enough to compare the decision now with the decision once every one of them has run out.
+        A caller can then sleep until the load changes instead of re-deciding on a timer.
+        """
+        st = self._state
+        if st.lastLoad > 0 or st.panicSince is not None:
+            return False
+        s = self._settings
+        horizons = [
+            s.stableWindowSeconds,
+            s.panicWindowSeconds,
+            s.scaleDownDelaySeconds,
+            s.scaleToZeroIdleSeconds,
+        ]
+        if self._policy is not None:
+            horizons.append(60.0 * (self._policy.longest_window_minutes + 1))
+        preview = copy.copy(self)
+        preview._state = st.model_copy(deep=True)
+        if preview.decide(now, ready=ready, current=current).desired != current:
+            return False
+        later = now + max(horizons) + 1.0
+        preview.record_zero_until(later)
+        preview.record(later, 0.0)
+        return preview.decide(later, ready=ready, current=current).desired == current
 
     def _prune(self, now: float) -> None:
         """Drop samples no window can reach any more, so memory stays bounded however long this runs."""

@@ -631,3 +631,86 @@ def test_record_and_decide_reject_bad_inputs() -> None:
         scaler.record(T0, float("nan"))
     with pytest.raises(ValueError):
         scaler.decide(T0, -1, 0)
+
+
+# ---- sleeping while idle (the version watcher's quiet mode) ---------------------------------------
+
+IDLE_SCALERS = {
+    "kpa-min0": lambda: kpa(mrc=4, lo=0, hi=8, stableWindowSeconds=20, scaleDownDelaySeconds=15),
+    "kpa-min1": lambda: kpa(mrc=4, lo=1, hi=8, stableWindowSeconds=20, scaleDownDelaySeconds=15),
+    "kpa-no-delay": lambda: kpa(mrc=4, lo=0, hi=8, scaleDownDelaySeconds=0, scaleToZeroIdleSeconds=30),
+    "nvcf-sticky": lambda: nvcf(
+        {
+            "scaleUpDetails": {"factor": 2.0, "threshold": 60},
+            "scaleDownDetails": {
+                "factor": 0.5,
+                "threshold": 20,
+                "stickiness": {"size": "PT3M", "threshold": "PT2M"},
+            },
+        },
+        mrc=4,
+        lo=1,
+        hi=8,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IDLE_SCALERS))
+def test_steady_without_load_predicts_every_later_idle_decision(name: str) -> None:
+    """Where it says the count holds while idle, every later idle tick agrees; where not, one differs."""
+    scaler = IDLE_SCALERS[name]()
+    trace = piecewise((20.0, 30), (0.0, 600))
+    current, predictions = 0, []
+    for i, load in enumerate(trace):
+        now = T0 + i * TICK
+        scaler.record(now, load)
+        decision = scaler.decide(now, ready=current, current=current)
+        if load == 0 and decision.desired == current:
+            predictions.append((i, current, scaler.steady_without_load(now, ready=current, current=current)))
+        current = decision.desired
+    counts_after: dict[int, list[int]] = {i: [] for i, _, _ in predictions}
+    replay = IDLE_SCALERS[name]()
+    current = 0
+    for i, load in enumerate(trace):
+        now = T0 + i * TICK
+        replay.record(now, load)
+        current = replay.decide(now, ready=current, current=current).desired
+        for start in counts_after:
+            if i > start:
+                counts_after[start].append(current)
+    checked = [steady for _, _, steady in predictions]
+    assert True in checked and False in checked, "the trace must exercise both answers"
+    for start, held, steady in predictions:
+        if start > len(trace) - int(400 / TICK):
+            continue  # too close to the end to see the eventual count
+        later = counts_after[start]
+        if steady:
+            assert all(c == held for c in later), (start, held, later[:10])
+        else:
+            assert any(c != held for c in later), (start, held)
+
+
+def test_steady_without_load_is_false_while_there_is_load() -> None:
+    scaler = kpa(mrc=4)
+    scaler.record(T0, 40.0)
+    scaler.decide(T0, ready=1, current=1)
+    assert not scaler.steady_without_load(T0, ready=1, current=1)
+
+
+def test_zero_gap_fill_decides_as_if_it_had_ticked_through_the_gap() -> None:
+    """A watcher that slept through 100 s of zero load decides on a step like one that kept ticking."""
+    ticking, sleeping = kpa(mrc=4, lo=1), kpa(mrc=4, lo=1)
+    for i in range(int(100 / TICK)):
+        ticking.record(T0 + i * TICK, 0.0)
+        ticking.decide(T0 + i * TICK, ready=1, current=1)
+    sleeping.record(T0, 0.0)
+    sleeping.decide(T0, ready=1, current=1)
+    step_at = T0 + 100
+    sleeping.record_zero_until(step_at)
+    for scaler in (ticking, sleeping):
+        scaler.record(step_at, 8.0)
+    a = ticking.decide(step_at, ready=1, current=1)
+    b = sleeping.decide(step_at, ready=1, current=1)
+    assert a.desired == b.desired
+    assert a.stableLoad == pytest.approx(b.stableLoad)
+    assert a.stableLoad < 1.0  # diluted by the zero seconds, not the raw step

@@ -2,9 +2,9 @@
 
 One workflow per version, ID `function:{functionId}:{versionId}`, running from registration until the
 version is deleted. Its state (`VersionState`) is the only copy of the version; the API reads it with
-the `describe` query and changes it with validated updates. While deployed, the workflow waits on two
-heartbeating watcher activities (instances, load) that return only when something changed, so a
-deployed version at rest writes nothing to its history.
+the `describe` query and changes it with validated updates. While deployed, the workflow waits on one
+heartbeating watcher activity (`watch_version`: instances and, when autoscaling, load) that returns
+only when something changed, so a deployed version at rest writes nothing to its history.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.backend import BackendActivities
     from activities.gateway import GatewayActivities
-    from gpufn.autoscaling import AutoscalerSettings
+    from activities.watcher import WatchActivities
+    from gpufn.autoscaling import AutoscalerSettings, ScalingDecision
     from workflows import reconcile
     from workflows import search_attributes as sa
     from workflows.models import (
         BUSY_STATUSES,
+        AutoscalingWatch,
         DeleteRequest,
         Deployment,
         DeploymentSpecification,
@@ -51,8 +53,10 @@ with workflow.unsafe.imports_passed_through():
         VersionRef,
         VersionState,
         VersionView,
+        WatchInput,
         WatchLoadInput,
         WatchLoadResult,
+        WatchResult,
     )
     from workflows.routes import route_memo, summary_memo
 
@@ -65,11 +69,17 @@ PREPARE_RETRY = RetryPolicy(
 """A registry still unreachable after about 30 s ends the deployment in ERROR with the reason."""
 ACTION_TIMEOUT = timedelta(minutes=10)
 ACTION_HEARTBEAT = timedelta(seconds=10)
-WATCH_MAX_WAIT_SECONDS = 3600.0
-WATCH_HEARTBEAT = timedelta(seconds=60)
-"""Watchers run as long as a version is deployed; every heartbeat is a write on the Temporal server, so
-they beat rarely (the SDK sends at most one per 0.8 x this). A restarted worker does not wait for a dead
-worker's watchers to time out: it sends `reconcile_now` to every deployed version, which restarts them."""
+WATCH_MAX_WAIT_SECONDS = 86400.0
+"""A watcher with nothing to report still returns once a day, so none runs forever."""
+WATCH_HEARTBEAT = timedelta(minutes=5)
+"""The watcher runs as long as a version is deployed and every heartbeat is a write on the Temporal
+server, so it beats rarely (every 0.8 x this). A restarted worker does not wait for a dead worker's
+watchers to time out: it sends `reconcile_now` to every deployed version, which restarts them."""
+LEGACY_WATCH_MAX_WAIT_SECONDS = 3600.0
+LEGACY_WATCH_HEARTBEAT = timedelta(seconds=60)
+ONE_WATCHER_PATCH = "one-version-watcher"
+"""Versions started before it wait on two watchers (instances, load); they keep doing so until they
+continue as new. Remove the old path with `workflow.deprecate_patch` once none is left."""
 FAILURES_BEFORE_HEALTH_INFO = 3
 """Consecutive failures of a spec's instances after which the failure is shown in healthInfo."""
 
@@ -93,6 +103,7 @@ class FunctionVersionWorkflow:
         self._lock = asyncio.Lock()
         self._observer: asyncio.Task[ObservedInstances] | None = None
         self._load_watcher: asyncio.Task[WatchLoadResult] | None = None
+        self._watcher: asyncio.Task[WatchResult] | None = None
         self._published: tuple[Any, ...] | None = None
         self._reattach_watchers = False
 
@@ -337,6 +348,72 @@ class FunctionVersionWorkflow:
 
     async def _wait_for_change(self) -> None:
         """Wait until an instance changes, the autoscaler wants another count, a handler ran, or a timer."""
+        if not workflow.patched(ONE_WATCHER_PATCH):
+            await self._wait_for_change_legacy()
+            return
+        deployment = self._state.deployment
+        assert deployment is not None
+        if self._watcher is None:
+            self._watcher = workflow.start_activity_method(
+                WatchActivities.watch_version,
+                self._watch_input(deployment),
+                start_to_close_timeout=timedelta(seconds=WATCH_MAX_WAIT_SECONDS + 120),
+                heartbeat_timeout=WATCH_HEARTBEAT,
+                retry_policy=QUICK_RETRY,
+            )
+        watcher = self._watcher
+        try:
+            await workflow.wait_condition(
+                lambda: self._dirty or watcher.done(), timeout=self._next_timer(deployment)
+            )
+        except TimeoutError:
+            return
+        if not watcher.done():
+            return
+        if self._watcher is watcher:
+            self._watcher = None
+        # A watcher cancelled by a handler (undeploy, delete, a new autoscaling setting) while this loop
+        # waited is done but has no result; it was already replaced or is no longer wanted.
+        if watcher.cancelled():
+            return
+        try:
+            result = watcher.result()
+        except ActivityError as err:
+            workflow.logger.warning("Version watcher failed, restarting it: %s", err)
+            return
+        if result.instances is not None:
+            self._apply_observation(result.instances)
+        if result.decision is not None:
+            self._record_decision(result.decision)
+
+    def _watch_input(self, deployment: Deployment) -> WatchInput:
+        autoscaling = None
+        if self._autoscaling_enabled(deployment):
+            load = self._watch_load_input(deployment)
+            autoscaling = AutoscalingWatch(
+                maxRequestConcurrency=load.maxRequestConcurrency,
+                minInstances=load.minInstances,
+                maxInstances=load.maxInstances,
+                current=load.current,
+                ready=load.ready,
+                settings=load.settings,
+                nvcf=load.nvcf,
+            )
+        return WatchInput(
+            ref=self._ref(),
+            specs=deployment.specifications,
+            known=self._state.instances,
+            autoscaling=autoscaling,
+            maxWaitSeconds=WATCH_MAX_WAIT_SECONDS,
+        )
+
+    def _record_decision(self, decision: ScalingDecision) -> None:
+        self._state.scaling.lastDecision = decision
+        self._state.scaling.decidedAt = workflow.now()
+        self._state.scaling.desired = decision.desired
+
+    async def _wait_for_change_legacy(self) -> None:
+        """The two-watcher wait of versions started before `ONE_WATCHER_PATCH`."""
         deployment = self._state.deployment
         assert deployment is not None
         if self._observer is None:
@@ -347,18 +424,18 @@ class FunctionVersionWorkflow:
                     specs=deployment.specifications,
                     known=self._state.instances,
                     waitForChange=True,
-                    maxWaitSeconds=WATCH_MAX_WAIT_SECONDS,
+                    maxWaitSeconds=LEGACY_WATCH_MAX_WAIT_SECONDS,
                 ),
-                start_to_close_timeout=timedelta(seconds=WATCH_MAX_WAIT_SECONDS + 120),
-                heartbeat_timeout=WATCH_HEARTBEAT,
+                start_to_close_timeout=timedelta(seconds=LEGACY_WATCH_MAX_WAIT_SECONDS + 120),
+                heartbeat_timeout=LEGACY_WATCH_HEARTBEAT,
                 retry_policy=QUICK_RETRY,
             )
         if self._load_watcher is None and self._autoscaling_enabled(deployment):
             self._load_watcher = workflow.start_activity_method(
                 GatewayActivities.watch_load,
                 self._watch_load_input(deployment),
-                start_to_close_timeout=timedelta(seconds=WATCH_MAX_WAIT_SECONDS + 120),
-                heartbeat_timeout=WATCH_HEARTBEAT,
+                start_to_close_timeout=timedelta(seconds=LEGACY_WATCH_MAX_WAIT_SECONDS + 120),
+                heartbeat_timeout=LEGACY_WATCH_HEARTBEAT,
                 retry_policy=QUICK_RETRY,
             )
         observer, load_watcher = self._observer, self._load_watcher
@@ -389,9 +466,7 @@ class FunctionVersionWorkflow:
                 except ActivityError as err:
                     workflow.logger.warning("Load watcher failed, restarting it: %s", err)
             if decision is not None:
-                self._state.scaling.lastDecision = decision
-                self._state.scaling.decidedAt = workflow.now()
-                self._state.scaling.desired = decision.desired
+                self._record_decision(decision)
 
     def _next_timer(self, deployment: Deployment) -> timedelta | None:
         """Return the time until the next deadline: a heal backoff ending, or the deploy deadline."""
@@ -408,16 +483,20 @@ class FunctionVersionWorkflow:
         return max(timedelta(milliseconds=10), min(deadlines) - now)
 
     async def _stop_watchers(self) -> None:
-        for task in (self._observer, self._load_watcher):
+        for task in (self._observer, self._load_watcher, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
         self._observer = None
         self._load_watcher = None
+        self._watcher = None
 
     def _restart_load_watcher(self) -> None:
-        if self._load_watcher is not None and not self._load_watcher.done():
-            self._load_watcher.cancel()
+        """Restart whatever watches the load, because what the autoscaler works with changed."""
+        for task in (self._load_watcher, self._watcher):
+            if task is not None and not task.done():
+                task.cancel()
         self._load_watcher = None
+        self._watcher = None
 
     # --- Observations and status --------------------------------------------------------------------
 
@@ -567,7 +646,7 @@ class FunctionVersionWorkflow:
             ready=ready,
             settings=self._autoscaler_settings(first),
             nvcf=first.autoscalingConfiguration,
-            maxWaitSeconds=WATCH_MAX_WAIT_SECONDS,
+            maxWaitSeconds=LEGACY_WATCH_MAX_WAIT_SECONDS,
         )
 
     def _current_target_total(self, deployment: Deployment) -> int:

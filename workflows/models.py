@@ -354,7 +354,10 @@ class DrainResult(BaseModel):
 
 
 class WatchLoadInput(BaseModel):
-    """Run the autoscaler on the gateways' load; return when the desired count differs from `current`."""
+    """Run the autoscaler on the gateways' load; return when the desired count differs from `current`.
+
+    Only workflows started before the single version watcher (`WatchInput`) still run this watcher.
+    """
 
     ref: VersionRef
     maxRequestConcurrency: int
@@ -370,4 +373,38 @@ class WatchLoadInput(BaseModel):
 class WatchLoadResult(BaseModel):
     """The autoscaler's decision (or no change when the watch timed out)."""
 
+    decision: ScalingDecision | None = None
+
+
+class AutoscalingWatch(BaseModel):
+    """What the version watcher needs to run the autoscaler: bounds, concurrency, policy, counts."""
+
+    maxRequestConcurrency: int
+    minInstances: int
+    maxInstances: int
+    current: int
+    """The count the workflow is bringing the version to; the watcher returns when it wants another."""
+    ready: int
+    settings: AutoscalerSettings
+    nvcf: AutoscalingConfiguration | None = None
+
+
+class WatchInput(BaseModel):
+    """Watch one deployed version until its instances or its wanted instance count change.
+
+    Returns when the instances differ from `known`, or when the autoscaler (if `autoscaling` is set)
+    wants a count other than `autoscaling.current`.
+    """
+
+    ref: VersionRef
+    specs: list[DeploymentSpecification]
+    known: list[InstanceRecord] = Field(default_factory=list)
+    autoscaling: AutoscalingWatch | None = None
+    maxWaitSeconds: float = 86400.0
+
+
+class WatchResult(BaseModel):
+    """What changed: the instances as they are now, or the autoscaler's decision (neither: timed out)."""
+
+    instances: list[InstanceRecord] | None = None
     decision: ScalingDecision | None = None

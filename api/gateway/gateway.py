@@ -12,7 +12,8 @@ account):
 * GET  /v2/nvcf/queues/functions/{functionId}[/versions/{versionId}] (scope queue_details)
 * GET  /v2/nvcf/queues/{requestId}/position                         (scope queue_details)
 
-`load_snapshot()` is the body of GET /internal/v1/load, which the API serves (admin keys only).
+`load_report()` is the body of GET /internal/v1/load[?since=G&epoch=E], which the API serves (admin keys
+only): every version's load, or only what changed since the poller's last report.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import random
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -43,6 +45,7 @@ from api.gateway.invocations import (
     Waiter,
     new_request_id,
 )
+from api.gateway.load_report import LoadReport
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
@@ -155,6 +158,7 @@ class Gateway:
         self._authenticate = authenticate
         self._dispatcher = Dispatcher(self.settings)
         self.routes: RouteTable = self._dispatcher.routes
+        self._load_report = LoadReport(lambda: self.routes.load_snapshot()["versions"])
         self._tag = replica_tag(self.settings.replica_id)
         self._peers: dict[str, Endpoint] = {
             replica_tag(replica_id): Endpoint(url)
@@ -176,8 +180,12 @@ class Gateway:
         await self._dispatcher.close()
 
     def load_snapshot(self) -> dict[str, Any]:
-        """Return the body of GET /internal/v1/load: every routed version's queued/in-flight/ready load."""
+        """Return every routed version's queued/in-flight/ready load (the metrics' source)."""
         return self.routes.load_snapshot()
+
+    def load_report(self, since: int | None = None, epoch: str | None = None) -> dict[str, Any]:
+        """Return the body of GET /internal/v1/load: the versions whose load changed since `since`."""
+        return self._load_report.report(since, epoch)
 
     # --- ASGI ---------------------------------------------------------------------------------------
 
@@ -592,7 +600,10 @@ class Gateway:
             raise _Refused(401, "Unauthorized access", [(b"www-authenticate", b"Bearer")])
         if not principal.admin:
             raise _Refused(403, "The load report needs an admin key")
-        await send_json(send, 200, self.load_snapshot())
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        since = query.get("since", [""])[0]
+        epoch = query.get("epoch", [None])[0]
+        await send_json(send, 200, self.load_report(int(since) if since.isdigit() else None, epoch))
 
     # --- forwarding to the replica that holds a request ----------------------------------------------
 

@@ -76,12 +76,16 @@ Admin = Annotated[Principal, Depends(require("manage_keys"))]
 
 
 @router.get("/internal/v1/load")
-async def load(principal: Admin, context: Context) -> dict[str, Any]:
-    """Return this replica's per-version load (the autoscaler's signal and the drain's)."""
+async def load(
+    principal: Admin, context: Context, since: int | None = None, epoch: str | None = None
+) -> dict[str, Any]:
+    """Return this replica's per-version load (the autoscaler's signal and the drain's).
+
+    With `since` and `epoch` from the caller's last report, only the versions that changed after it.
+    """
     if not principal.admin:
         raise ProblemError(403, "Internal endpoint: admin key only")
-    snapshot: dict[str, Any] = context.gateway.load_snapshot()
-    return snapshot
+    return context.gateway.load_report(since, epoch)
 
 
 _GAUGES = (

@@ -16,6 +16,7 @@ from tests.lifecycle.helpers import (
     wait_running,
     workflow_id,
 )
+from workflows.models import WatchResult
 
 FAST = {
     "stableWindowSeconds": 4,
@@ -114,14 +115,27 @@ async def test_scales_up_under_load_and_down_without_losing_requests(stack: Stac
     await load.stop(light)
     assert load.failures == [], load.failures[:5]
     assert load.ok > 20
+    # Every decision is in the history (what the Web UI shows): a watcher's result carrying it.
     history = await stack.client.get_workflow_handle(workflow_id(function)).fetch_history()
-    completed_watch = [
-        e
+    watchers = {
+        e.event_id
         for e in history.events
         if e.HasField("activity_task_scheduled_event_attributes")
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "watch_load"
-    ]
-    assert len(completed_watch) >= 2
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "watch_version"
+    }
+    decisions = []
+    for event in history.events:
+        completed = event.activity_task_completed_event_attributes
+        if (
+            event.HasField("activity_task_completed_event_attributes")
+            and completed.scheduled_event_id in watchers
+        ):
+            payloads = completed.result.payloads
+            (result,) = await stack.client.data_converter.decode(payloads, [WatchResult])
+            if isinstance(result, WatchResult) and result.decision is not None:
+                decisions.append(result.decision)
+    assert any(d.desired >= 3 for d in decisions), decisions
+    assert any(d.desired < d.current for d in decisions), decisions
 
 
 async def _at_least(stack: Stack, function: dict[str, Any], count: int) -> bool:

@@ -134,37 +134,46 @@ class LoadMonitor:
             await asyncio.sleep(max(0.0, self._tick - (time.monotonic() - started)))
 
     async def poll_once(self) -> None:
-        """Read every gateway's load and sum it per version."""
+        """Read every gateway's load (what changed since the last poll) and re-sum the versions it names."""
         assert self._session is not None
-        replies = await asyncio.gather(*(self._fetch(url) for url in self._urls))
-        loads: dict[str, VersionLoad] = {}
-        first_seen: set[str] = set()
-        reached = False
-        for reply in replies:
-            if reply is None:
-                continue
-            reached = True
-            for version_id, item in reply.get("versions", {}).items():
-                total = loads.setdefault(version_id, VersionLoad())
-                total.queued += int(item.get("queued", 0))
-                total.inFlight += int(item.get("inFlight", 0))
-                total.ready = max(total.ready, int(item.get("ready", 0)))
-                seen = int(item.get("routesVersion", 0))
-                total.routesVersion = seen if version_id not in first_seen else min(total.routesVersion, seen)
-                first_seen.add(version_id)
-                for instance_id, count in item.get("instances", {}).items():
-                    total.instances[instance_id] = total.instances.get(instance_id, 0) + int(count)
-        previous = self._loads
-        self._loads = loads
+        changes = await asyncio.gather(*(self._fetch(url) for url in self._urls))
+        reached = any(url in self._reports for url in self._urls)
         reachability_changed = reached != self._reachable
         self._reachable = reached
-        for version_id in list(self._load_changed):
-            before, now = previous.get(version_id), loads.get(version_id)
-            if reachability_changed or (before.total if before else 0) != (now.total if now else 0):
-                self._load_changed.pop(version_id).set()
+        for version_id in set().union(*changes):
+            before = self._loads.pop(version_id, None)
+            now = self._sum(version_id)
+            if now is not None:
+                self._loads[version_id] = now
+            if (before.total if before else 0) != (now.total if now else 0):
+                event = self._load_changed.pop(version_id, None)
+                if event is not None:
+                    event.set()
+        if reachability_changed:
+            for event in self._load_changed.values():
+                event.set()
+            self._load_changed.clear()
 
-    async def _fetch(self, base_url: str) -> dict[str, Any] | None:
-        """Return the gateway's current report (every version), updated with the delta it sent."""
+    def _sum(self, version_id: str) -> VersionLoad | None:
+        """Return the version's load summed over every reachable gateway (None when none reports it)."""
+        total: VersionLoad | None = None
+        for report in self._reports.values():
+            item = report.versions.get(version_id)
+            if item is None:
+                continue
+            seen = int(item.get("routesVersion", 0))
+            if total is None:
+                total = VersionLoad(routesVersion=seen)
+            total.queued += int(item.get("queued", 0))
+            total.inFlight += int(item.get("inFlight", 0))
+            total.ready = max(total.ready, int(item.get("ready", 0)))
+            total.routesVersion = min(total.routesVersion, seen)
+            for instance_id, count in item.get("instances", {}).items():
+                total.instances[instance_id] = total.instances.get(instance_id, 0) + int(count)
+        return total
+
+    async def _fetch(self, base_url: str) -> set[str]:
+        """Apply the gateway's report (a delta, or everything) and return the version IDs it changed."""
         assert self._session is not None
         known = self._reports.get(base_url)
         params = {"since": str(known.generation), "epoch": known.epoch} if known is not None else {}
@@ -172,24 +181,26 @@ class LoadMonitor:
             async with self._session.get(
                 base_url.rstrip("/") + LOAD_PATH, headers=self._headers, params=params, ssl=False
             ) as resp:
-                if resp.status != 200:
-                    self._reports.pop(base_url, None)
-                    return None
-                body: dict[str, Any] = await resp.json()
+                body: dict[str, Any] | None = await resp.json() if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            self._reports.pop(base_url, None)
-            return None
-        if "epoch" not in body:
-            return body  # a gateway that only sends full reports
-        if body.get("full") or known is None:
-            known = _GatewayReport(epoch=str(body["epoch"]), generation=0, versions={})
-        known.versions.update(body.get("versions", {}))
-        for version_id in body.get("removed", []):
+            body = None
+        if body is None:
+            # An unreachable gateway's requests count no more: forget its view (and its deltas).
+            lost = self._reports.pop(base_url, None)
+            return set(lost.versions) if lost is not None else set()
+        versions: dict[str, Any] = body.get("versions", {})
+        if known is None or body.get("full", True) or body.get("epoch") != known.epoch:
+            replaced = set(known.versions) if known is not None else set()
+            self._reports[base_url] = _GatewayReport(
+                epoch=str(body.get("epoch", "")), generation=int(body.get("generation", 0)), versions=versions
+            )
+            return replaced | set(versions)
+        removed: list[str] = body.get("removed", [])
+        known.versions.update(versions)
+        for version_id in removed:
             known.versions.pop(version_id, None)
-        known.epoch = str(body["epoch"])
-        known.generation = int(body.get("generation", 0))
-        self._reports[base_url] = known
-        return {"versions": known.versions}
+        known.generation = int(body.get("generation", known.generation))
+        return set(versions) | set(removed)
 
 
 class GatewayActivities:

@@ -9,7 +9,8 @@ autoscaler's decision; the workflow then acts and starts the next watcher. Betwe
 * it heartbeats only as often as its heartbeat timeout needs (every 0.8 x the timeout), because each
   heartbeat is a write on the Temporal server;
 * a newer watcher of the same version in this worker supersedes an older one at once, instead of the
-  older one learning of its cancellation at its next heartbeat.
+  older one learning of its cancellation at its next heartbeat;
+* on a worker's shutdown it fails retryably, so its version is watched again at once on another worker.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 from dataclasses import dataclass
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.backend import Backend, BackendActivities, instances_fingerprint
 from activities.gateway import IDLE_TICK_SECONDS, LoadMonitor
@@ -53,6 +55,7 @@ class WatchActivities:
         self._backends = backends
         self._monitor = monitor
         self._running: dict[str, asyncio.Task[object]] = {}
+        self._superseded: set[asyncio.Task[object]] = set()
 
     @activity.defn
     async def watch_version(self, request: WatchInput) -> WatchResult:
@@ -61,21 +64,37 @@ class WatchActivities:
         Also returns (with neither) after `maxWaitSeconds`, so no watcher runs forever.
         """
         key = activity.info().workflow_id or request.ref.versionId
-        self._supersede(key)
+        task = asyncio.current_task()
+        assert task is not None
+        self._supersede(key, task)
         try:
             return await self._watch(request)
+        except asyncio.CancelledError:
+            if task in self._superseded:
+                # A newer watcher of the version runs in this worker: the workflow stopped waiting on
+                # this one. Ending it with nothing to report makes sure Temporal does not retry it.
+                task.uncancel()
+                return WatchResult()
+            if activity.is_worker_shutdown():
+                # Fail (retryably) rather than end as cancelled, so Temporal runs the watcher again at
+                # once on another worker instead of after the heartbeat timeout.
+                raise ApplicationError(
+                    "The worker is shutting down; the watcher resumes on another worker",
+                    type="WorkerShutdown",
+                ) from None
+            raise
         finally:
-            if self._running.get(key) is asyncio.current_task():
+            self._superseded.discard(task)
+            if self._running.get(key) is task:
                 del self._running[key]
 
-    def _supersede(self, key: str) -> None:
-        """Cancel an older watcher of the same version in this worker; the workflow no longer waits on it."""
-        current = asyncio.current_task()
-        assert current is not None
+    def _supersede(self, key: str, task: asyncio.Task[object]) -> None:
+        """Stop an older watcher of the same version in this worker; the workflow no longer waits on it."""
         older = self._running.get(key)
-        if older is not None and older is not current and not older.done():
+        if older is not None and older is not task and not older.done():
+            self._superseded.add(older)
             older.cancel()
-        self._running[key] = current
+        self._running[key] = task
 
     async def _watch(self, request: WatchInput) -> WatchResult:
         info = activity.info()
@@ -89,6 +108,7 @@ class WatchActivities:
         deadline = started + request.maxWaitSeconds
         next_beat = started + beat_every
         version_id = request.ref.versionId
+        step, quiet = _LoadStep(), False
         try:
             while True:
                 instances: list[InstanceRecord] = []
@@ -96,11 +116,15 @@ class WatchActivities:
                     instances += await backend.observe(request.ref, request.specs)
                 if instances_fingerprint(instances) != known:
                     return WatchResult(instances=instances)
-                step = _LoadStep()
                 if scaler is not None and request.autoscaling is not None:
-                    step = self._look_at_load(scaler, request.autoscaling, version_id, loop.time())
-                    if step.decision is not None:
-                        return WatchResult(decision=step.decision)
+                    reachable = self._monitor.reachable
+                    if not (quiet and reachable and self._monitor.load(version_id).total == 0):
+                        step = self._look_at_load(scaler, request.autoscaling, version_id, loop.time())
+                        if step.decision is not None:
+                            return WatchResult(decision=step.decision)
+                        # Idle, and the count holds while it stays idle: until the load changes, a
+                        # wake-up (a backend re-check, a heartbeat) need not run the autoscaler.
+                        quiet = reachable and step.sleep is None and not step.every_tick
                 now = loop.time()
                 if now >= deadline:
                     return WatchResult()

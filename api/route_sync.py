@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
+from temporalio.api.enums.v1 import WorkflowExecutionStatus
+from temporalio.api.workflowservice.v1 import ListWorkflowExecutionsRequest
+from temporalio.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class RouteSync:
         self._interval = interval
         self._since: datetime | None = None
         self._known: set[str] = set()
+        self._applied: dict[str, tuple[str, bytes]] = {}
+        """Per workflow ID, the version and route memo JSON last applied."""
         self._last_full = 0.0
         self._task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
@@ -72,31 +77,57 @@ class RouteSync:
             since = (self._since - OVERLAP).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             query = f"GpufnRoutesUpdatedAt >= '{since}'"
         seen: set[str] = set()
-        async for execution in self._executions(query):
-            memo = await execution.memo()
-            route = memo.get("route")
+        async for workflow_id, running, data in self._routes(query):
+            applied = self._applied.get(workflow_id)
+            if running and applied is not None and applied[1] == data:
+                # The same entry as last time (the overlap, a full resync): nothing to parse or apply.
+                seen.add(applied[0])
+                continue
+            route = json.loads(data)
             if not isinstance(route, dict):
                 continue
             version_id = str(route.get("versionId"))
-            if execution.status != WorkflowExecutionStatus.RUNNING or route.get("status") == "DELETED":
+            if not running or route.get("status") == "DELETED":
                 self._sink.remove(version_id)
                 self._known.discard(version_id)
+                self._applied.pop(workflow_id, None)
                 continue
             seen.add(version_id)
             self._sink.apply(route)
+            self._applied[workflow_id] = (version_id, data)
         if full:
             for version_id in self._known - seen:
                 self._sink.remove(version_id)
             self._known = seen
+            self._applied = {w: entry for w, entry in self._applied.items() if entry[0] in seen}
             self._last_full = time.monotonic()
         else:
             self._known |= seen
         self._since = started
         self.synced.set()
 
-    async def _executions(self, query: str) -> AsyncIterator[WorkflowExecution]:
-        async for execution in self._client.list_workflows(query, page_size=1000):
-            yield execution
+    async def _routes(self, query: str) -> AsyncIterator[tuple[str, bool, bytes]]:
+        """Yield (workflow ID, running, route memo JSON) per matching execution, from raw visibility pages.
+
+        The raw RPC, not the SDK's iterator, which builds a WorkflowExecution (search attributes, memo
+        objects) per item: with a thousand versions that decoding cost more than the query.
+        """
+        token = b""
+        while True:
+            page = await self._client.workflow_service.list_workflow_executions(
+                ListWorkflowExecutionsRequest(
+                    namespace=self._client.namespace, query=query, page_size=1000, next_page_token=token
+                )
+            )
+            for info in page.executions:
+                payload = info.memo.fields.get("route")
+                if payload is None or payload.metadata.get("encoding") != b"json/plain":
+                    continue
+                running = info.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+                yield info.execution.workflow_id, running, payload.data
+            token = page.next_page_token
+            if not token:
+                return
 
     async def _poll_forever(self) -> None:
         while True:

@@ -2,11 +2,13 @@
 
 Starts a Temporal dev server (SQLite file, as `make up`), a worker and an API as separate processes,
 measures their CPU for a quiet baseline with no version deployed, then registers N versions and deploys
-each with minInstances 0 / maxInstances 2 (so both the instance watcher and the autoscaler's load
-watcher run for every version, with no instance process to confound the figures), lets them settle,
-and measures CPU and the growth of the versions' histories over the same window.
+each with minInstances 0 / maxInstances 2 (so every version's watcher runs with its autoscaler, with no
+instance process to confound the figures), lets them settle, and measures CPU and the growth of the
+versions' histories over a window long enough to hold a heartbeat of every watcher (they beat every
+4 minutes).
 
-Usage: python bench/idle_versions.py [N] [--window SECONDS]   (defaults: 1000, 30)
+Usage: python bench/idle_versions.py [N] [--window SECONDS] [--baseline-window SECONDS]
+       (defaults: 1000, 300, 30)
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ async def history_lengths(client: Client, ids: list[str]) -> int:
     return total
 
 
-async def main(count: int, window: float) -> None:
+async def main(count: int, window: float, baseline_window: float) -> None:
     home = Path(tempfile.mkdtemp(prefix="gpufn-idle-"))
     key = "nvapi-bench-" + uuid.uuid4().hex
     ports = {"api": free_port(), "temporal": free_port()}
@@ -124,7 +126,7 @@ async def main(count: int, window: float) -> None:
                         break
                 await asyncio.sleep(0.2)
             await asyncio.sleep(3)
-            baseline = await measure(processes, window)
+            baseline = await measure(processes, baseline_window)
             started = time.perf_counter()
             semaphore = asyncio.Semaphore(8)
             ids: list[str] = []
@@ -164,6 +166,7 @@ async def main(count: int, window: float) -> None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=20)
     print(f"machine: {os.cpu_count()} cores; {count} versions registered and deployed in {took:.0f} s")
+    print(f"CPU over {window:.0f} s at rest (baseline: {baseline_window:.0f} s with nothing deployed)")
     print(f"{'process':<10}{'idle stack, % of a core':>26}{f'{count} idle versions':>24}")
     for name in ("temporal", "worker", "api"):
         print(f"{name:<10}{baseline[name]:>26.1f}{loaded[name]:>24.1f}")
@@ -174,6 +177,7 @@ async def main(count: int, window: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("count", nargs="?", type=int, default=1000)
-    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--window", type=float, default=300.0)
+    parser.add_argument("--baseline-window", type=float, default=30.0)
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.count, arguments.window))
+    asyncio.run(main(arguments.count, arguments.window, arguments.baseline_window))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -183,6 +185,12 @@ def main() -> None:
     """Run the worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     asyncio.run(run(Settings()))
+    # Everything is closed by now. The Temporal SDK's Rust threads can still call into Python while the
+    # interpreter finalizes, which aborts a cleanly stopped worker with SIGABRT; leave without finalizing.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+from temporalio.api.enums.v1 import PendingActivityState
 
 from tests.conftest import Stack, echo_function, eventually
 from tests.lifecycle.helpers import (
@@ -234,3 +237,54 @@ async def test_gateway_exposes_per_version_metrics(stack: Stack) -> None:
     assert f'gpufn_gateway_ready_instances{{version_id="{version}"}} 1' in text
     forbidden = await stack.http.get("/metrics", headers={"Authorization": "Bearer nvapi-nobody"})
     assert forbidden.status_code == 401
+
+
+async def test_a_worker_that_stops_hands_its_watchers_over_at_once(stack: Stack) -> None:
+    """A gracefully stopped worker's watcher resumes on another worker in seconds, not after the 5-minute
+    heartbeat timeout, and the version still scales from zero for the next request."""
+    function = await create(stack, slow_echo("handover", request_ms=10))
+    await stack.http.post(deployment_path(function), json=spec(0, 2))
+    handle = stack.client.get_workflow_handle(workflow_id(function))
+
+    async def running_watcher() -> tuple[str, str] | None:
+        description = await handle.describe()
+        for pending in description.raw_description.pending_activities:
+            if (
+                pending.activity_type.name == "watch_version"
+                and pending.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            ):
+                return pending.activity_id, pending.last_worker_identity
+        return None
+
+    before = await eventually(running_watcher, timeout=15)
+    first = stack.worker
+    assert first is not None
+    second = stack.start_worker()
+    # The new worker re-attaches every deployed version when it starts, which restarts the watcher.
+    await eventually(lambda: _watcher_other_than(running_watcher, before[0]), timeout=30, interval=0.2)
+    watcher = await running_watcher()
+    assert watcher is not None
+    stopping, survivor = (first, second) if watcher[1].startswith(f"{first.pid}@") else (second, first)
+    stopping.send_signal(signal.SIGTERM)
+    assert stopping.wait(timeout=30) == 0
+    stack.worker = survivor
+
+    async def moved() -> bool:
+        now = await running_watcher()
+        return now is not None and now[1].startswith(f"{survivor.pid}@")
+
+    await eventually(moved, timeout=15, interval=0.2)
+    path = f"/v2/nvcf/pexec/functions/{function['id']}"
+    answer = await stack.http.post(path, json={"after": 1}, headers={"NVCF-POLL-SECONDS": "30"})
+    while answer.status_code == 202:
+        answer = await stack.http.get(
+            f"/v2/nvcf/pexec/status/{answer.headers['NVCF-REQID']}", headers={"NVCF-POLL-SECONDS": "30"}
+        )
+    assert answer.status_code == 200 and answer.json() == {"after": 1}
+
+
+async def _watcher_other_than(
+    running_watcher: Callable[[], Awaitable[tuple[str, str] | None]], activity_id: str
+) -> bool:
+    now = await running_watcher()
+    return now is not None and now[0] != activity_id

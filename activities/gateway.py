@@ -67,7 +67,7 @@ class LoadMonitor:
         self._tick = tick
         self._loads: dict[str, VersionLoad] = {}
         self._reachable = False
-        self._watchers = 0
+        self._outages = 0
         self._tick_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -100,6 +100,20 @@ class LoadMonitor:
     def reachable(self) -> bool:
         """Return whether the last poll reached at least one gateway."""
         return self._reachable
+
+    @property
+    def outages(self) -> int:
+        """Return how many times the gateways became unreachable: a load sleeper's gap held no data."""
+        return self._outages
+
+    def load_is_zero(self, version_id: str) -> bool:
+        """Return whether the gateways answered and hold no request of the version."""
+        return self._reachable and self.load(version_id).total == 0
+
+    def change_event(self, version_id: str) -> asyncio.Event:
+        """Return an event set when a poll finds the version's load (or the reachability) changed."""
+        self._ensure_running()
+        return self._load_changed.setdefault(version_id, asyncio.Event())
 
     async def next_tick(self) -> None:
         """Wait for the next poll of the gateways to finish."""
@@ -139,6 +153,8 @@ class LoadMonitor:
         changes = await asyncio.gather(*(self._fetch(url) for url in self._urls))
         reached = any(url in self._reports for url in self._urls)
         reachability_changed = reached != self._reachable
+        if reachability_changed and not reached:
+            self._outages += 1
         self._reachable = reached
         for version_id in set().union(*changes):
             before = self._loads.pop(version_id, None)

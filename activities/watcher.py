@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from temporalio import activity
@@ -48,6 +49,24 @@ class _LoadStep:
     """The version has load: look again after the monitor's next poll."""
 
 
+@dataclass
+class _LiveAutoscaler:
+    """A watcher's autoscaler, with what the watcher knows about the load between its samples."""
+
+    scaler: Autoscaler
+    zeros_known: bool = False
+    """The load stayed zero since the last sample: this watcher was listening for a change throughout."""
+    outages: int = 0
+    """The monitor's count of gateway outages at the last sample (an outage means no data, not zero)."""
+    version_id: str = ""
+
+    def settle(self, monitor: LoadMonitor, now: float) -> AutoscalerState:
+        """Return the history up to `now`, adding the zero seconds this watcher slept through."""
+        if self.zeros_known and monitor.outages == self.outages and monitor.load_is_zero(self.version_id):
+            self.scaler.record_zero_until(now)
+        return self.scaler.state
+
+
 class WatchActivities:
     """The version watcher, on top of the backends' activities and the worker's load monitor."""
 
@@ -56,6 +75,7 @@ class WatchActivities:
         self._monitor = monitor
         self._running: dict[str, asyncio.Task[object]] = {}
         self._superseded: set[asyncio.Task[object]] = set()
+        self._live: dict[str, _LiveAutoscaler] = {}
 
     @activity.defn
     async def watch_version(self, request: WatchInput) -> WatchResult:
@@ -102,29 +122,36 @@ class WatchActivities:
         beat_every = HEARTBEAT_SHARE * (timeout or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS)
         backends = self._backends.backends_for(request.specs)
         known = instances_fingerprint(request.known)
-        scaler = self._autoscaler(request.autoscaling, request.ref.versionId, info.heartbeat_details)
+        key = info.workflow_id or request.ref.versionId
+        live = self._autoscaler(request.autoscaling, key, request.ref.versionId, info.heartbeat_details)
+        scaler = live.scaler if live is not None else None
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + request.maxWaitSeconds
         next_beat = started + beat_every
         version_id = request.ref.versionId
         step, quiet = _LoadStep(), False
+        load_changed: asyncio.Event | None = None
         try:
             while True:
+                # Listen for a load change before reading the load, so none falls in between.
+                load_changed = self._monitor.change_event(version_id) if live is not None else None
                 instances: list[InstanceRecord] = []
                 for backend in backends:
                     instances += await backend.observe(request.ref, request.specs)
                 if instances_fingerprint(instances) != known:
                     return WatchResult(instances=instances)
-                if scaler is not None and request.autoscaling is not None:
-                    reachable = self._monitor.reachable
-                    if not (quiet and reachable and self._monitor.load(version_id).total == 0):
-                        step = self._look_at_load(scaler, request.autoscaling, version_id, loop.time())
+                if live is not None and request.autoscaling is not None:
+                    unchanged = self._monitor.outages == live.outages and self._monitor.load_is_zero(
+                        version_id
+                    )
+                    if not (quiet and unchanged):
+                        step = self._look_at_load(live, request.autoscaling, version_id, time.time())
                         if step.decision is not None:
                             return WatchResult(decision=step.decision)
                         # Idle, and the count holds while it stays idle: until the load changes, a
                         # wake-up (a backend re-check, a heartbeat) need not run the autoscaler.
-                        quiet = reachable and step.sleep is None and not step.every_tick
+                        quiet = self._monitor.reachable and step.sleep is None and not step.every_tick
                 now = loop.time()
                 if now >= deadline:
                     return WatchResult()
@@ -135,42 +162,65 @@ class WatchActivities:
                 if step.sleep is not None:
                     sleep = min(sleep, step.sleep)
                 await self._wait(
-                    request, backends, sleep, every_tick=step.every_tick, load=scaler is not None
+                    request, backends, sleep, every_tick=step.every_tick, load_changed=load_changed
                 )
         finally:
-            if scaler is not None:
-                self._monitor.remember(version_id, scaler.state)
+            if live is not None:
+                self._monitor.remember(version_id, live.settle(self._monitor, time.time()))
+                if self._live.get(key) is live:
+                    del self._live[key]
 
     def _autoscaler(
-        self, watch: AutoscalingWatch | None, version_id: str, details: object
-    ) -> Autoscaler | None:
-        """Build the version's autoscaler, resuming the history a previous attempt or watcher kept."""
+        self, watch: AutoscalingWatch | None, key: str, version_id: str, details: object
+    ) -> _LiveAutoscaler | None:
+        """Build the version's autoscaler on the newest history this worker has for it.
+
+        That is the live history of a watcher this one supersedes, else what the version's previous
+        watcher in this worker left, else (a retry on another worker) the last heartbeat's.
+        """
         if watch is None:
             return None
-        state: AutoscalerState | None = None
-        if isinstance(details, (list, tuple)) and details and details[0] is not None:
+        now = time.time()
+        states: list[AutoscalerState] = []
+        older = self._live.get(key)
+        if older is not None:
+            states.append(older.settle(self._monitor, now))
+        recalled = self._monitor.recall(version_id)
+        if recalled is not None:
+            states.append(recalled)
+        if not states and isinstance(details, (list, tuple)) and details and details[0] is not None:
             with contextlib.suppress(Exception):
-                state = AutoscalerState.model_validate(details[0])
-        return Autoscaler(
-            watch.settings,
-            watch.nvcf,
-            max_request_concurrency=watch.maxRequestConcurrency,
-            min_instances=watch.minInstances,
-            max_instances=watch.maxInstances,
-            state=state or self._monitor.recall(version_id),
+                states.append(AutoscalerState.model_validate(details[0]))
+        state = max(states, key=lambda st: st.lastRecordAt or float("-inf"), default=None)
+        live = _LiveAutoscaler(
+            Autoscaler(
+                watch.settings,
+                watch.nvcf,
+                max_request_concurrency=watch.maxRequestConcurrency,
+                min_instances=watch.minInstances,
+                max_instances=watch.maxInstances,
+                state=state,
+            ),
+            version_id=version_id,
         )
+        self._live[key] = live
+        return live
 
     def _look_at_load(
-        self, scaler: Autoscaler, watch: AutoscalingWatch, version_id: str, now: float
+        self, live: _LiveAutoscaler, watch: AutoscalingWatch, version_id: str, now: float
     ) -> _LoadStep:
         """Record the version's load and decide; say when to look again if the count stays."""
+        scaler = live.scaler
         if not self._monitor.reachable:
             # No gateway answered: no data is not zero load, so decide nothing until one answers (the
             # monitor reports a change of reachability as a load change).
+            live.zeros_known = False
             return _LoadStep()
         load = self._monitor.load(version_id)
-        scaler.record_zero_until(now)
+        if live.zeros_known and live.outages == self._monitor.outages:
+            scaler.record_zero_until(now)
         scaler.record(now, float(load.total))
+        live.zeros_known, live.outages = True, self._monitor.outages
         ready = load.ready if load.ready or watch.ready == 0 else watch.ready
         decision = scaler.decide(now, ready=ready, current=watch.current)
         if decision.desired != watch.current:
@@ -188,19 +238,18 @@ class WatchActivities:
         seconds: float,
         *,
         every_tick: bool,
-        load: bool,
+        load_changed: asyncio.Event | None,
     ) -> None:
         """Sleep until a backend reports a change, the load changes (or is polled), or `seconds` pass."""
-        waits: list[asyncio.Task[None]] = [
+        waits: list[asyncio.Task[object]] = [
             asyncio.create_task(backend.wait_for_change(request.ref, seconds)) for backend in backends
         ]
-        if load:
-            if every_tick:
-                waits.append(asyncio.create_task(self._monitor.next_tick()))
-            else:
-                waits.append(asyncio.create_task(self._monitor.next_change(request.ref.versionId, seconds)))
+        if load_changed is not None:
+            waits.append(
+                asyncio.create_task(self._monitor.next_tick() if every_tick else load_changed.wait())
+            )
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()

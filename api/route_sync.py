@@ -79,8 +79,10 @@ class RouteSync:
         seen: set[str] = set()
         async for workflow_id, running, data in self._routes(query):
             applied = self._applied.get(workflow_id)
-            if running and applied is not None and applied[1] == data:
-                # The same entry as last time (the overlap, a full resync): nothing to parse or apply.
+            if not full and running and applied is not None and applied[1] == data:
+                # The same entry as last time (the overlap): nothing to parse or apply. A full resync
+                # re-applies everything, which also restores instances the gateway dropped after a
+                # failed connection (it stops using them until a route lists them again).
                 seen.add(applied[0])
                 continue
             route = json.loads(data)

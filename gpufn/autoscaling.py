@@ -533,21 +533,24 @@ class Autoscaler:
         st = self._state
         if st.lastRecordAt is None or st.lastLoad > 0:
             return
+        last, end = math.floor(st.lastRecordAt), math.floor(now)
         horizon = max(self._settings.stableWindowSeconds, self._settings.panicWindowSeconds)
-        first = max(math.floor(st.lastRecordAt) + 1, math.floor(now) - math.ceil(horizon))
-        for second in range(first, math.floor(now)):
+        for second in range(max(last + 1, end - math.ceil(horizon)), end):
             _add_sample(st.buckets, second, 0.0)
         if self._policy is not None and self._policy.longest_window_minutes > 0:
-            last_minute = math.floor(st.lastRecordAt / 60.0)
-            first_minute = max(last_minute + 1, math.floor(now / 60.0) - self._policy.longest_window_minutes)
-            for minute in range(first_minute, math.floor(now / 60.0)):
-                _add_sample(st.minuteBuckets, minute, 0.0)
+            # One sample per second, into the minute it belongs to, partial minutes included.
+            reach = 60 * (self._policy.longest_window_minutes + 1)
+            for second in range(max(last + 1, end - reach), end):
+                _add_sample(st.minuteBuckets, math.floor(second / 60.0), 0.0)
+        if end - 1 > last:
+            st.lastRecordAt = float(end - 1)
 
     def steady_without_load(self, now: float, ready: int, current: int) -> bool:
         """Return whether the decision stays `current` for as long as the load stays zero.
 
         With zero load the wanted count can only fall as windows, delays and idle timeouts run out, so
-        it is enough to compare the decision now with the decision once every one of them has run out.
+        it is enough to compare the decision now with the decision once every one of them has run out
+        (and, with NVCF stickiness, with the decision when the minute in progress completes).
         A caller can then sleep until the load changes instead of re-deciding on a timer.
         """
         st = self._state
@@ -566,10 +569,18 @@ class Autoscaler:
         preview._state = st.model_copy(deep=True)
         if preview.decide(now, ready=ready, current=current).desired != current:
             return False
-        later = now + max(horizons) + 1.0
-        preview.record_zero_until(later)
-        preview.record(later, 0.0)
-        return preview.decide(later, ready=ready, current=current).desired == current
+        moments = []
+        if self._policy is not None and self._policy.longest_window_minutes > 0:
+            # Stickiness counts completed minutes: the minute in progress can still add a breach
+            # (and the highest count of breaches) when it completes.
+            moments.append((math.floor(now / 60.0) + 1) * 60.0 + 0.5)
+        moments.append(now + max(horizons) + 1.0)
+        for moment in moments:
+            preview.record_zero_until(moment)
+            preview.record(moment, 0.0)
+            if preview.decide(moment, ready=ready, current=current).desired != current:
+                return False
+        return True
 
     def _prune(self, now: float) -> None:
         """Drop samples no window can reach any more, so memory stays bounded however long this runs."""

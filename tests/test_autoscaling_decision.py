@@ -714,3 +714,27 @@ def test_zero_gap_fill_decides_as_if_it_had_ticked_through_the_gap() -> None:
     assert a.desired == b.desired
     assert a.stableLoad == pytest.approx(b.stableLoad)
     assert a.stableLoad < 1.0  # diluted by the zero seconds, not the raw step
+
+
+def test_steady_without_load_sees_the_minute_in_progress_complete() -> None:
+    """NVCF stickiness counts completed minutes: a burst late in a minute breaches once it completes."""
+    config = {
+        "scaleUpDetails": {
+            "factor": 2.0,
+            "threshold": 60,
+            "stickiness": {"size": "PT3M", "threshold": "PT1M"},
+        }
+    }
+    scaler = nvcf(config, mrc=4, lo=1, hi=8)
+    trace = piecewise((1.0, 45), (8.0, 13))
+    for i, load in enumerate(trace):
+        scaler.record(T0 + i * TICK, load)
+        scaler.decide(T0 + i * TICK, ready=1, current=1)
+    now = T0 + len(trace) * TICK
+    scaler.record(now, 0.0)
+    assert scaler.decide(now, ready=1, current=1).desired == 1
+    assert not scaler.steady_without_load(now, ready=1, current=1)
+    later = [now + i * TICK for i in range(1, 20)]
+    for moment in later:
+        scaler.record(moment, 0.0)
+    assert scaler.decide(later[-1], ready=1, current=1).desired == 2

@@ -127,13 +127,26 @@ class RateLimitRequest(RequestModel):
     rateLimit: str
     exemptedNcaIds: list[str] | None = Field(default=None, max_length=32)
     perNcaIdRate: dict[str, str] | None = None
+    perUserRate: str | None = None
     syncCheck: bool = False
 
-    @field_validator("rateLimit")
+    @field_validator("rateLimit", "perUserRate")
     @classmethod
-    def _rate(cls, value: str) -> str:
-        if not RATE_LIMIT_PATTERN.match(value):
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None and not RATE_LIMIT_PATTERN.match(value):
             raise ValueError("must look like 100-S or 10-S,500-M (count-unit, units S M H D, each once)")
+        return value
+
+    @field_validator("perNcaIdRate")
+    @classmethod
+    def _rates(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > 32:
+            raise ValueError("at most 32 accounts may have their own rate")
+        for account, rate in value.items():
+            if not RATE_LIMIT_PATTERN.match(rate):
+                raise ValueError(f"the rate of '{account}' must look like 100-S or 10-S,500-M")
         return value
 
 

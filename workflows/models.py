@@ -251,6 +251,8 @@ class UpdateTagsRequest(BaseModel):
 
     tags: list[str] | None
     rateLimit: dict[str, Any] | None = None
+    clearRateLimit: bool = False
+    """Remove the rate limit (`DELETE /v2/nvcf/ratelimit/...`)."""
 
 
 class DeleteRequest(BaseModel):

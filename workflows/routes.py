@@ -88,4 +88,5 @@ def route_memo(state: VersionState) -> dict[str, Any]:
         ],
         "instances": instances,
         "routesVersion": state.routesVersion,
+        "rateLimit": spec.rateLimit,
     }

@@ -66,6 +66,7 @@ class VersionRoute:
         "instances",
         "invocable",
         "queue",
+        "rate_limit",
         "removed",
         "routes_version",
         "status",
@@ -91,6 +92,8 @@ class VersionRoute:
         """Requests waiting for a free slot, in arrival order."""
         self.in_flight = 0
         self.removed = False
+        self.rate_limit: Mapping[str, Any] | None = None
+        """The version's NVCF `rateLimit` object, when it has one."""
         self._next = 0
 
     @property
@@ -251,6 +254,10 @@ class RouteTable:
         version.status = str(route.get("status", FunctionStatus.INACTIVE.value))
         version.deployed = bool(route.get("deployed", False))
         version.invocable = version.status in _INVOCABLE and version.deployed
+        rate_limit = route.get("rateLimit")
+        version.rate_limit = (
+            rate_limit if isinstance(rate_limit, Mapping) and rate_limit.get("rateLimit") else None
+        )
         path = str(route.get("inferenceUrl") or "/")
         if "://" in path:
             # An absolute URL names a path on the instance; the instance address comes from the route.

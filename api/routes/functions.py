@@ -12,7 +12,7 @@ from api.deps import Context, parse_body, require
 from api.principal import Principal
 from api.problems import ProblemError
 from api.registry import not_found
-from api.schemas import CreateFunctionRequest, UpdateFunctionRequest, UpdateMetadataRequest
+from api.schemas import CreateFunctionRequest, RateLimitRequest, UpdateFunctionRequest, UpdateMetadataRequest
 from gpufn.sealing import SecretBox, secret_context
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -222,6 +222,37 @@ async def update_version(
         ),
     )
     return {"function": version_json(state)}
+
+
+@router.put("/ratelimit/functions/{function_id}/versions/{version_id}")
+async def set_rate_limit(
+    function_id: str, version_id: str, request: Request, principal: Updater, context: Context
+) -> dict[str, Any]:
+    """Set a version's invocation rate limit (the gateways enforce it within a second)."""
+    body = await parse_body(request, RateLimitRequest)
+    state = await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.update_tags,
+        UpdateTagsRequest(tags=None, rateLimit=body.model_dump(exclude_none=True)),
+    )
+    return {"function": version_json(state)}
+
+
+@router.delete("/ratelimit/functions/{function_id}/versions/{version_id}", status_code=204)
+async def clear_rate_limit(
+    function_id: str, version_id: str, principal: Updater, context: Context
+) -> Response:
+    """Remove a version's invocation rate limit."""
+    await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.update_tags,
+        UpdateTagsRequest(tags=None, clearRateLimit=True),
+    )
+    return Response(status_code=204)
 
 
 @router.delete("/functions/{function_id}/versions/{version_id}", status_code=204)

@@ -335,3 +335,35 @@ async def test_deploy_sent_while_the_worker_is_down_completes_when_it_returns(st
     response = await pending
     assert response.status_code == 200, response.text
     await wait_running(stack, function, 1, timeout=60)
+
+
+async def test_rate_limit_set_enforced_and_lifted(stack: Stack) -> None:
+    """PUT /ratelimit reaches the gateway in a second; over the limit is a 429 problem; DELETE lifts it."""
+    function = await create(stack, echo_function("rate-limited"))
+    await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
+    await wait_running(stack, function, 1)
+    limit_path = f"/v2/nvcf/ratelimit/functions/{function['id']}/versions/{function['versionId']}"
+    set_limit = await stack.http.put(limit_path, json={"rateLimit": "2-M", "perUserRate": "5-M"})
+    assert set_limit.status_code == 200, set_limit.text
+    assert set_limit.json()["function"]["rateLimit"]["rateLimit"] == "2-M"
+    invoke = f"/v2/nvcf/pexec/functions/{function['id']}"
+
+    async def refused() -> bool:
+        return (await stack.http.post(invoke, json={"n": 1})).status_code == 429
+
+    await eventually(refused, timeout=10, interval=0.1)
+    answer = await stack.http.post(invoke, json={"n": 2})
+    assert answer.status_code == 429
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert int(answer.headers["retry-after"]) >= 1
+
+    bad = await stack.http.put(limit_path, json={"rateLimit": "2 a minute"})
+    assert bad.status_code == 400 and bad.headers["content-type"].startswith("application/problem+json")
+    assert (await stack.http.delete(limit_path)).status_code == 204
+    described = await stack.http.get(f"/v2/nvcf/functions/{function['id']}/versions/{function['versionId']}")
+    assert described.json()["function"].get("rateLimit") is None
+
+    async def admitted() -> bool:
+        return (await stack.http.post(invoke, json={"n": 3})).status_code == 200
+
+    await eventually(admitted, timeout=10, interval=0.1)

@@ -105,6 +105,18 @@ class SecretRequest(RequestModel):
         return self.value if isinstance(self.value, str) else json.dumps(self.value)
 
 
+class UpdateSecretsRequest(RequestModel):
+    """Body of `PUT /v2/nvcf/secrets/functions/{id}/versions/{vid}`: secrets merged into the version's."""
+
+    secrets: list[SecretRequest] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> UpdateSecretsRequest:
+        if len({s.name for s in self.secrets}) != len(self.secrets):
+            raise ValueError("Invalid request: duplicate secret names")
+        return self
+
+
 class TelemetriesRequest(RequestModel):
     """`telemetries`: at least one id."""
 

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         TeardownInput,
         UndeployRequest,
         UpdateDeploymentRequest,
+        UpdateSecretsRequest,
         UpdateTagsRequest,
         VersionRef,
         VersionState,
@@ -821,6 +822,26 @@ class FunctionVersionWorkflow:
     @update_tags.validator
     def _validate_update_tags(self, request: UpdateTagsRequest) -> None:
         self._reject_if_deleted()
+
+    @workflow.update
+    async def update_secrets(self, request: UpdateSecretsRequest) -> VersionView:
+        """Merge secrets into the version's; instances started from now on get the new values."""
+        spec = self._state.spec
+        for name, sealed in request.encryptedSecrets.items():
+            if name not in spec.encryptedSecrets:
+                spec.secretNames.append(name)
+            spec.encryptedSecrets[name] = sealed
+        self._publish()
+        return VersionView(state=self._state)
+
+    @update_secrets.validator
+    def _validate_update_secrets(self, request: UpdateSecretsRequest) -> None:
+        self._reject_if_deleted()
+        if not self._state.spec.secretNames and self._state.status != FunctionStatus.INACTIVE:
+            raise ValueError(
+                f"Function is {self._state.status}: secrets can be added to a version without secrets "
+                "only while it is INACTIVE (existing secrets can be updated in any state)."
+            )
 
     @workflow.update
     async def delete(self, request: DeleteRequest) -> VersionView:

@@ -242,6 +242,13 @@ class UndeployRequest(BaseModel):
     graceful: bool = False
 
 
+class UpdateSecretsRequest(BaseModel):
+    """Update `update_secrets`: merge sealed secrets into the version's (a name given again is replaced)."""
+
+    encryptedSecrets: dict[str, str]
+    """Secret name -> value sealed by the API; plain values never enter workflow data."""
+
+
 class UpdateTagsRequest(BaseModel):
     """Update `update_tags`: replace the tags (NVCF: values completely override existing).
 

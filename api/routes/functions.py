@@ -12,7 +12,13 @@ from api.deps import Context, parse_body, require
 from api.principal import Principal
 from api.problems import ProblemError
 from api.registry import not_found
-from api.schemas import CreateFunctionRequest, RateLimitRequest, UpdateFunctionRequest, UpdateMetadataRequest
+from api.schemas import (
+    CreateFunctionRequest,
+    RateLimitRequest,
+    UpdateFunctionRequest,
+    UpdateMetadataRequest,
+    UpdateSecretsRequest,
+)
 from gpufn.sealing import SecretBox, secret_context
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -24,6 +30,7 @@ from workflows.models import (
     UpdateTagsRequest,
     VersionState,
 )
+from workflows.models import UpdateSecretsRequest as WorkflowSecretsUpdate
 from workflows.routes import function_json
 
 router = APIRouter(tags=["functions"])
@@ -32,6 +39,7 @@ Lister = Annotated[Principal, Depends(require("list_functions", "list_functions_
 Registrar = Annotated[Principal, Depends(require("register_function"))]
 Updater = Annotated[Principal, Depends(require("update_function"))]
 Deleter = Annotated[Principal, Depends(require("delete_function"))]
+SecretsUpdater = Annotated[Principal, Depends(require("update_secrets"))]
 Visibility = Annotated[list[str] | None, Query()]
 
 DEFAULT_HEALTH_URI = "/v2/health/ready"
@@ -222,6 +230,30 @@ async def update_version(
         ),
     )
     return {"function": version_json(state)}
+
+
+@router.put("/secrets/functions/{function_id}/versions/{version_id}", status_code=204)
+async def update_secrets(
+    function_id: str, version_id: str, request: Request, principal: SecretsUpdater, context: Context
+) -> Response:
+    """Merge secrets into a version's (a name given again gets the new value); values are sealed here.
+
+    Instances started from now on get the new values; running instances keep theirs until replaced.
+    """
+    body = await parse_body(request, UpdateSecretsRequest)
+    await context.registry.update(
+        principal.account,
+        function_id,
+        version_id,
+        FunctionVersionWorkflow.update_secrets,
+        WorkflowSecretsUpdate(
+            encryptedSecrets={
+                s.name: context.secret_box.seal(s.text, secret_context(version_id, s.name))
+                for s in body.secrets
+            }
+        ),
+    )
+    return Response(status_code=204)
 
 
 @router.put("/ratelimit/functions/{function_id}/versions/{version_id}")

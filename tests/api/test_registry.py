@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from gpufn.sealing import SecretBox, secret_context
 from tests.api.helpers import FUNCTIONS, assert_problem, create, metadata_path, version_path, workflow_text
 from tests.conftest import Stack, cpu_spec, echo_function, eventually
 from workflows import function_version_workflow_id
+from workflows.function_version import FunctionVersionWorkflow
 
 SECRET_VALUE = "s3cr3t-" + uuid.uuid4().hex
 JSON_SECRET_VALUE = "j50n-" + uuid.uuid4().hex
@@ -467,3 +469,81 @@ async def test_put_version_updates_tags_and_rate_limit_keeping_what_is_left_out(
     assert empty.headers["content-type"] == "application/problem+json"
     bad = await stack.http.put(path, json={"rateLimit": {"rateLimit": "ten per second"}})
     assert bad.status_code == 400
+
+
+def secrets_path(function: dict[str, Any]) -> str:
+    return f"/v2/nvcf/secrets/functions/{function['id']}/versions/{function['versionId']}"
+
+
+async def sealed_secrets(stack: Stack, function: dict[str, Any]) -> dict[str, str]:
+    """Open the version's stored secrets with the stack's key (what a worker does to start instances)."""
+    handle = stack.client.get_workflow_handle(
+        function_version_workflow_id(function["id"], function["versionId"])
+    )
+    view = await handle.query(FunctionVersionWorkflow.describe)
+    box = SecretBox(stack.settings.resolved_secret_key())
+    return {
+        name: box.open(sealed, secret_context(function["versionId"], name))
+        for name, sealed in view.state.spec.encryptedSecrets.items()
+    }
+
+
+async def test_secrets_are_merged_sealed_and_never_echoed(stack: Stack) -> None:
+    function = await create(stack, echo_function("secrets-later"))
+    first = await stack.http.put(
+        secrets_path(function), json={"secrets": [{"name": "TOKEN", "value": "v1-s3cr3t"}]}
+    )
+    assert first.status_code == 204, first.text
+    assert first.text == ""
+    merged = await stack.http.put(
+        secrets_path(function),
+        json={"secrets": [{"name": "TOKEN", "value": "v2-s3cr3t"}, {"name": "conf", "value": {"a": 1}}]},
+    )
+    assert merged.status_code == 204, merged.text
+    described = await stack.http.get(version_path(function))
+    assert described.json()["function"]["secrets"] == ["TOKEN", "conf"]
+    assert "s3cr3t" not in described.text
+    assert await sealed_secrets(stack, function) == {"TOKEN": "v2-s3cr3t", "conf": '{"a": 1}'}
+    workflow = function_version_workflow_id(function["id"], function["versionId"])
+    assert "s3cr3t" not in await workflow_text(stack.client, workflow)
+
+
+@pytest.mark.parametrize(
+    ("body", "field_name"),
+    [
+        ({"secrets": []}, "secrets"),
+        ({"secrets": [{"name": "-bad", "value": "x"}]}, "name"),
+        ({"secrets": [{"name": "EMPTY", "value": ""}]}, "value"),
+        ({"secrets": [{"name": "A", "value": "hidden-1"}, {"name": "A", "value": "hidden-2"}]}, "duplicate"),
+    ],
+)
+async def test_invalid_secrets_are_refused_without_echoing_values(
+    stack: Stack, body: dict[str, Any], field_name: str
+) -> None:
+    function = await create(stack, echo_function("secrets-invalid"))
+    response = await stack.http.put(secrets_path(function), json=body)
+    problem = assert_problem(response, 400)
+    assert field_name in response.text
+    assert "hidden-" not in response.text
+    assert problem["status"] == 400
+    assert (await stack.http.get(version_path(function))).json()["function"].get("secrets") in (None, [])
+
+
+async def test_secrets_are_added_to_a_version_without_any_only_while_inactive(stack: Stack) -> None:
+    bare = await create(stack, echo_function("secrets-deployed"))
+    with_one = await create(stack, echo_function("secrets-kept", secrets=[{"name": "KEY", "value": "old"}]))
+    for function in (bare, with_one):
+        path = f"/v2/nvcf/deployments/functions/{function['id']}/versions/{function['versionId']}"
+        assert (await stack.http.post(path, json=cpu_spec(0, 1))).status_code == 200
+    refused = await stack.http.put(secrets_path(bare), json={"secrets": [{"name": "KEY", "value": "new"}]})
+    assert_problem(refused, 400, "INACTIVE")
+    updated = await stack.http.put(
+        secrets_path(with_one), json={"secrets": [{"name": "KEY", "value": "new"}]}
+    )
+    assert updated.status_code == 204, updated.text
+    assert await sealed_secrets(stack, with_one) == {"KEY": "new"}
+    unknown = await stack.http.put(
+        f"/v2/nvcf/secrets/functions/{uuid.uuid4()}/versions/{uuid.uuid4()}",
+        json={"secrets": [{"name": "KEY", "value": "x"}]},
+    )
+    assert_problem(unknown, 404)

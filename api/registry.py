@@ -115,6 +115,48 @@ class FunctionRegistry:
         entries.sort(key=lambda entry: entry[0])
         return b"[" + b",".join(data for _, data in entries) + b"]"
 
+    async def find_deployment(self, account: str, deployment_id: str) -> tuple[str, str]:
+        """Return (function ID, version ID) of the account's version deployed as `deployment_id`, or 404.
+
+        Reads the route entries of the account's deployed versions from visibility (one call), since
+        a deployment ID is not an indexed attribute; NVCF's lookup by deployment ID is rarely used.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VISIBILITY_SETTLE_SECONDS
+        while True:
+            found = await self._find_deployment_once(account, deployment_id)
+            if found is not None:
+                return found
+            if loop.time() >= deadline:
+                raise ProblemError(404, f"Deployment '{deployment_id}' not found in account '{account}'")
+            # A deployment made a moment ago may not have reached visibility yet.
+            await asyncio.sleep(0.2)
+
+    async def _find_deployment_once(self, account: str, deployment_id: str) -> tuple[str, str] | None:
+        query = (
+            f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'INACTIVE'"
+        )
+        token = b""
+        while True:
+            page = await self._client.workflow_service.list_workflow_executions(
+                ListWorkflowExecutionsRequest(
+                    namespace=self._client.namespace,
+                    query=query,
+                    page_size=LIST_PAGE_SIZE,
+                    next_page_token=token,
+                )
+            )
+            for info in page.executions:
+                payload = info.memo.fields.get("route")
+                if payload is None or deployment_id.encode() not in payload.data:
+                    continue
+                route = json.loads(payload.data)
+                if route.get("deploymentId") == deployment_id and route.get("accountId") == account:
+                    return str(route["functionId"]), str(route["versionId"])
+            token = page.next_page_token
+            if not token:
+                return None
+
     async def function_versions(self, account: str, function_id: str) -> list[dict[str, Any]]:
         """Return a function's versions, waiting briefly for a just-created one to reach visibility."""
         loop = asyncio.get_running_loop()

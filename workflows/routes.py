@@ -89,4 +89,5 @@ def route_memo(state: VersionState) -> dict[str, Any]:
         "instances": instances,
         "routesVersion": state.routesVersion,
         "rateLimit": spec.rateLimit,
+        "deploymentId": deployment.deploymentId if deployment is not None else None,
     }

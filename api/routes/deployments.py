@@ -12,7 +12,7 @@ from api.deps import AppContext, Context, parse_body, require
 from api.principal import Principal
 from api.problems import ProblemError
 from api.routes.functions import version_json
-from api.schemas import DeploymentRequest
+from api.schemas import DeploymentRequest, DeploymentSpecificationRequest
 from gpufn.cluster_groups import InvalidPlacementError
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -145,6 +145,59 @@ async def update_deployment(
         principal.account,
         function_id,
         version_id,
+        FunctionVersionWorkflow.update_deployment,
+        UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
+    )
+    _apply_route(context, state)
+    return deployment_json(state)
+
+
+async def _deployed_by_id(context: AppContext, account: str, deployment_id: str) -> VersionState:
+    """Return the state of the account's version deployed as `deployment_id`, or 404."""
+    function_id, version_id = await context.registry.find_deployment(account, deployment_id)
+    state = await context.registry.describe(account, function_id, version_id)
+    if state.deployment is None or state.deployment.deploymentId != deployment_id:
+        raise ProblemError(404, f"Deployment '{deployment_id}' not found in account '{account}'")
+    return state
+
+
+@router.get("/deployments/{deployment_id}")
+async def get_deployment_by_id(deployment_id: str, principal: Deployer, context: Context) -> dict[str, Any]:
+    """Return a deployment by its ID (NVCF's OSS form of the deployment lookup)."""
+    state = await _deployed_by_id(context, principal.account, deployment_id)
+    _apply_route(context, state)
+    return deployment_json(state)
+
+
+@router.patch("/deployments/{deployment_id}/gpu-specifications/{gpu_specification_id}")
+async def update_gpu_specification(
+    deployment_id: str, gpu_specification_id: str, request: Request, principal: Deployer, context: Context
+) -> dict[str, Any]:
+    """Change one GPU specification of a deployment (min/max instances, concurrency, autoscaling)."""
+    body = await parse_body(request, DeploymentSpecificationRequest)
+    current = await _deployed_by_id(context, principal.account, deployment_id)
+    assert current.deployment is not None
+    existing = current.deployment.specifications
+    index = next((i for i, s in enumerate(existing) if s.gpuSpecificationId == gpu_specification_id), None)
+    if index is None:
+        raise ProblemError(
+            404, f"GPU specification '{gpu_specification_id}' not found in deployment '{deployment_id}'"
+        )
+    requested = DeploymentRequest(
+        deploymentSpecifications=[
+            body
+            if i == index
+            else DeploymentSpecificationRequest.model_validate(
+                s.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
+            )
+            for i, s in enumerate(existing)
+        ]
+    )
+    specs = _specifications(requested, current.spec, context, existing)
+    state = await context.registry.update(
+        principal.account,
+        current.spec.id,
+        current.spec.versionId,
         FunctionVersionWorkflow.update_deployment,
         UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
     )

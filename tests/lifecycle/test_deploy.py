@@ -104,3 +104,44 @@ async def test_a_command_that_exits_before_it_is_watched_still_fails_fast(stack:
     await stack.http.post(deployment_path(function), json=cpu_spec(1, 1))
     body = await wait_status(stack, function, "ERROR", timeout=10)
     assert "exited with code 1" in body["healthInfo"][0]["error"]
+
+
+async def test_a_deployment_is_read_and_patched_by_its_ids(stack: Stack) -> None:
+    """NVCF's OSS forms: GET /deployments/{id} and PATCH of one GPU specification."""
+    function = await create(stack, echo_function("by-deployment-id"))
+    created = await stack.http.post(deployment_path(function), json=cpu_spec(0, 1, maxRequestConcurrency=2))
+    assert created.status_code == 200, created.text
+    deployment_id = created.json()["deployment"]["deploymentId"]
+    spec_id = created.json()["deployment"]["deploymentSpecifications"][0]["gpuSpecificationId"]
+
+    by_id = await stack.http.get(f"/v2/nvcf/deployments/{deployment_id}")
+    assert by_id.status_code == 200, by_id.text
+    assert by_id.json()["deployment"]["functionVersionId"] == function["versionId"]
+    assert by_id.json()["deployment"]["deploymentId"] == deployment_id
+
+    spec_path = f"/v2/nvcf/deployments/{deployment_id}/gpu-specifications/{spec_id}"
+    patched = await stack.http.patch(
+        spec_path, json={"gpu": "CPU", "instanceType": "LOCAL.CPU", "minInstances": 0, "maxInstances": 3}
+    )
+    assert patched.status_code == 200, patched.text
+    (spec,) = patched.json()["deployment"]["deploymentSpecifications"]
+    assert (spec["maxInstances"], spec["gpuSpecificationId"]) == (3, spec_id)
+    assert (await deployment(stack, function))["deploymentSpecifications"][0]["maxInstances"] == 3
+
+    moved = await stack.http.patch(
+        spec_path, json={"gpu": "H100", "instanceType": "LOCAL.CPU", "minInstances": 0, "maxInstances": 3}
+    )
+    assert moved.status_code == 400 and moved.headers["content-type"].startswith("application/problem+json")
+    inverted = await stack.http.patch(
+        spec_path, json={"gpu": "CPU", "instanceType": "LOCAL.CPU", "minInstances": 4, "maxInstances": 3}
+    )
+    assert inverted.status_code == 400
+    unknown_spec = await stack.http.patch(
+        f"/v2/nvcf/deployments/{deployment_id}/gpu-specifications/nope",
+        json={"gpu": "CPU", "instanceType": "LOCAL.CPU", "minInstances": 0, "maxInstances": 1},
+    )
+    assert unknown_spec.status_code == 404
+    assert (await stack.http.get("/v2/nvcf/deployments/not-a-deployment")).status_code == 404
+
+    await stack.http.delete(deployment_path(function))
+    assert (await stack.http.get(f"/v2/nvcf/deployments/{deployment_id}")).status_code == 404

@@ -20,6 +20,7 @@ NAME_PATTERN = re.compile(r"^[a-z0-9A-Z][a-z0-9A-Z\-_]*$")
 TAG_PATTERN = re.compile(r"^[a-zA-Z0-9\-_:=]+$")
 SECRET_NAME_PATTERN = re.compile(r"^[a-z0-9A-Z][a-z0-9A-Z_.\-]*$")
 RATE_LIMIT_PATTERN = re.compile(r"^(?!.*-([SMHD]).*-\1)[1-9]\d*-[SMHD](,\s*[1-9]\d*-[SMHD])*$")
+MAX_RATE_COUNT = 10**9
 MAX_TAGS = 64
 MAX_TAG_LENGTH = 128
 MAX_DESCRIPTION = 256
@@ -133,6 +134,13 @@ class TelemetriesRequest(RequestModel):
         return self
 
 
+def _valid_rate(value: str) -> bool:
+    """Return whether a rate is NVCF's `count-unit[,count-unit...]` with counts the gateway can hold."""
+    if not RATE_LIMIT_PATTERN.match(value):
+        return False
+    return all(len(count) <= 10 and int(count) <= MAX_RATE_COUNT for count in re.findall(r"(\d+)-", value))
+
+
 class RateLimitRequest(RequestModel):
     """`rateLimit`, e.g. {"rateLimit": "100-S"}."""
 
@@ -145,8 +153,11 @@ class RateLimitRequest(RequestModel):
     @field_validator("rateLimit", "perUserRate")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
-        if value is not None and not RATE_LIMIT_PATTERN.match(value):
-            raise ValueError("must look like 100-S or 10-S,500-M (count-unit, units S M H D, each once)")
+        if value is not None and not _valid_rate(value):
+            raise ValueError(
+                "must look like 100-S or 10-S,500-M (count-unit, units S M H D, each once, "
+                f"counts up to {MAX_RATE_COUNT})"
+            )
         return value
 
     @field_validator("perNcaIdRate")
@@ -157,7 +168,7 @@ class RateLimitRequest(RequestModel):
         if len(value) > 32:
             raise ValueError("at most 32 accounts may have their own rate")
         for account, rate in value.items():
-            if not RATE_LIMIT_PATTERN.match(rate):
+            if not _valid_rate(rate):
                 raise ValueError(f"the rate of '{account}' must look like 100-S or 10-S,500-M")
         return value
 

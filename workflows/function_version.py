@@ -825,7 +825,7 @@ class FunctionVersionWorkflow:
 
     @workflow.update
     async def update_secrets(self, request: UpdateSecretsRequest) -> VersionView:
-        """Merge secrets into the version's; instances started from now on get the new values."""
+        """Merge secrets into the version's (what each backend does with new values: docs/api.md)."""
         spec = self._state.spec
         for name, sealed in request.encryptedSecrets.items():
             if name not in spec.encryptedSecrets:

@@ -112,7 +112,8 @@ class Dispatcher:
                 header_value(settings.environment),
             )
         )
-        self.routes = RouteTable(self, static_headers)
+        replicas = len(set(settings.peers) | {settings.replica_id})
+        self.routes = RouteTable(self, static_headers, replicas)
         self.pool = UpstreamPool(settings.connect_timeout_seconds, settings.upstream_idle_seconds)
         self.results = ResultStore(settings.result_ttl_seconds, settings.result_memory_bytes)
         self.pending: dict[str, Invocation] = {}

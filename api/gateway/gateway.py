@@ -47,7 +47,6 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
-from api.gateway.rate_limit import RateLimit
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
@@ -161,7 +160,6 @@ class Gateway:
         self._dispatcher = Dispatcher(self.settings)
         self.routes: RouteTable = self._dispatcher.routes
         self._load_report = LoadReport(lambda: self.routes.load_snapshot()["versions"])
-        self._rate_limits: dict[str, RateLimit] = {}
         self._tag = replica_tag(self.settings.replica_id)
         self._peers: dict[str, Endpoint] = {
             replica_tag(replica_id): Endpoint(url)
@@ -296,18 +294,9 @@ class Gateway:
 
     def _admit(self, version: VersionRoute, principal: Principal) -> None:
         """Count the invocation against the version's rate limit; refuse it (429) when over."""
-        config = version.rate_limit
-        assert config is not None
-        limit = self._rate_limits.get(version.version_id)
-        if limit is None or limit.config != config:
-            replicas = len(set(self.settings.peers) | {self.settings.replica_id})
-            try:
-                limit = RateLimit(config, share=1.0 / replicas)
-            except (KeyError, ValueError):
-                log.warning("Ignoring the invalid rate limit of version %s: %s", version.version_id, config)
-                return
-            self._rate_limits[version.version_id] = limit
-        retry = limit.admit(principal.account, principal.key_id, time.monotonic())
+        limit = version.rate_limit
+        assert limit is not None
+        retry = limit.admit(principal.account, principal.key_id, time.monotonic_ns())
         if retry is not None:
             raise _Refused(
                 429,
@@ -414,8 +403,6 @@ class Gateway:
             forwarded.extend((name, b": ", value, b"\r\n"))
         principal = self._principal(authorization, INVOKE_SCOPE, org)
         version = self._select(principal, function_id, version_id)
-        if version.rate_limit is not None:
-            self._admit(version, principal)
         poll = self._poll_seconds(poll_raw)
         limit = self.settings.max_request_bytes
         if length_raw is not None and (not length_raw.isdigit() or int(length_raw) > limit):
@@ -439,6 +426,9 @@ class Gateway:
             accept_stream,
             self.settings.request_timeout_seconds,
         )
+        if version.rate_limit is not None:
+            # Counted last, so a request refused for another reason uses none of the caller's rate.
+            self._admit(version, principal)
         try:
             self._dispatcher.submit(invocation)
         except QueueFull:

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from api.gateway.rate_limit import RateLimit
 from api.gateway.upstream import Endpoint
 from workflows.models import INVOCABLE_STATUSES, FunctionStatus
 
@@ -67,6 +68,7 @@ class VersionRoute:
         "invocable",
         "queue",
         "rate_limit",
+        "rate_limit_config",
         "removed",
         "routes_version",
         "status",
@@ -92,8 +94,9 @@ class VersionRoute:
         """Requests waiting for a free slot, in arrival order."""
         self.in_flight = 0
         self.removed = False
-        self.rate_limit: Mapping[str, Any] | None = None
-        """The version's NVCF `rateLimit` object, when it has one."""
+        self.rate_limit: RateLimit | None = None
+        """The version's NVCF `rateLimit`, when it has a valid one."""
+        self.rate_limit_config: object = None
         self._next = 0
 
     @property
@@ -154,9 +157,13 @@ class RouteTable:
             ending in CRLF.
     """
 
-    def __init__(self, listener: RouteListener | None = None, static_headers: bytes = b"") -> None:
+    def __init__(
+        self, listener: RouteListener | None = None, static_headers: bytes = b"", replicas: int = 1
+    ) -> None:
         self._listener = listener
         self._static_headers = static_headers
+        self._replicas = max(1, replicas)
+        """Gateway replicas sharing each version's rate limit."""
         self._versions: dict[str, VersionRoute] = {}
         self._functions: dict[str, list[VersionRoute]] = {}
         self._retiring: dict[str, VersionRoute] = {}
@@ -255,9 +262,10 @@ class RouteTable:
         version.deployed = bool(route.get("deployed", False))
         version.invocable = version.status in _INVOCABLE and version.deployed
         rate_limit = route.get("rateLimit")
-        version.rate_limit = (
-            rate_limit if isinstance(rate_limit, Mapping) and rate_limit.get("rateLimit") else None
-        )
+        if rate_limit != version.rate_limit_config:
+            # Built once per change: a limit's buckets live as long as the route and its rate.
+            version.rate_limit_config = rate_limit
+            version.rate_limit = RateLimit.from_route(rate_limit, self._replicas)
         path = str(route.get("inferenceUrl") or "/")
         if "://" in path:
             # An absolute URL names a path on the instance; the instance address comes from the route.

@@ -238,7 +238,8 @@ async def update_secrets(
 ) -> Response:
     """Merge secrets into a version's (a name given again gets the new value); values are sealed here.
 
-    Instances started from now on get the new values; running instances keep theirs until replaced.
+    Instances the local backend starts from now on get the new values; on Kubernetes the version's
+    Secret object is written at deploy, so pods get them when the version is next deployed.
     """
     body = await parse_body(request, UpdateSecretsRequest)
     await context.registry.update(

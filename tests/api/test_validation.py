@@ -128,6 +128,16 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         {**IMAGE, "rateLimit": {"rateLimit": "1-S,2-S"}},
         ["field=rateLimit.rateLimit"],
     ),
+    (
+        "rate-limit-count-too-large",
+        {**IMAGE, "rateLimit": {"rateLimit": "10000000000-S"}},
+        ["field=rateLimit.rateLimit"],
+    ),
+    (
+        "rate-limit-per-account-malformed",
+        {**IMAGE, "rateLimit": {"rateLimit": "1-S", "perNcaIdRate": {"acme": "often"}}},
+        ["field=rateLimit.perNcaIdRate"],
+    ),
     ("telemetries-empty", {**IMAGE, "telemetries": {}}, ["field=telemetries", "logsTelemetryId"]),
 ]
 

@@ -102,6 +102,8 @@ def test_gateway_urls_follow_api_replicas_and_tls(helm: Helm, tmp_path: Path) ->
     assert urls == [f"https://gpufn-api-{i}.gpufn-api-headless.ns.svc:9000" for i in range(3)]
     api = find(objects, "StatefulSet")
     assert api["spec"]["replicas"] == 3
+    # The replicas know each other too: status polls are forwarded, rate limits shared.
+    assert json.loads(env_of(api)["GPUFN_GATEWAY_URLS"]) == urls
     assert env_of(api)["GPUFN_TLS_CERT"] == "/etc/gpufn/tls/tls.crt"
     assert {"name": "tls", "secret": {"secretName": "gpufn-tls"}} in api["spec"]["template"]["spec"][
         "volumes"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from dataclasses import dataclass
 
@@ -28,8 +27,6 @@ from activities.backend import Backend, BackendActivities, instances_fingerprint
 from activities.gateway import IDLE_TICK_SECONDS, LoadMonitor
 from gpufn.autoscaling import Autoscaler, AutoscalerState, ScalingDecision
 from workflows.models import AutoscalingWatch, InstanceRecord, WatchInput, WatchResult
-
-log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 60.0
 """The watcher re-observes the instances at least this often, in case a backend missed a change."""

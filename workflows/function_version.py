@@ -813,9 +813,7 @@ class FunctionVersionWorkflow:
         if request.tags is not None:
             self._state.spec.tags = request.tags
         if request.rateLimit is not None:
-            self._state.spec.rateLimit = request.rateLimit
-        if request.clearRateLimit:
-            self._state.spec.rateLimit = None
+            self._state.spec.rateLimit = request.rateLimit or None
         self._publish()
         return VersionView(state=self._state)
 

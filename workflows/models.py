@@ -258,8 +258,7 @@ class UpdateTagsRequest(BaseModel):
 
     tags: list[str] | None
     rateLimit: dict[str, Any] | None = None
-    clearRateLimit: bool = False
-    """Remove the rate limit (`DELETE /v2/nvcf/ratelimit/...`)."""
+    """The new rate limit; an empty object removes it (`DELETE /v2/nvcf/ratelimit/...`)."""
 
 
 class DeleteRequest(BaseModel):

@@ -42,7 +42,7 @@ def function_json(state: VersionState) -> dict[str, Any]:
         "health": spec.health.model_dump(),
         "healthUri": spec.healthUri,
         "secrets": list(spec.secretNames),
-        "rateLimit": spec.rateLimit,
+        "rateLimit": spec.rateLimit or None,
         "telemetries": spec.telemetries,
         "createdAt": spec.createdAt.isoformat().replace("+00:00", "Z"),
     }
@@ -88,6 +88,6 @@ def route_memo(state: VersionState) -> dict[str, Any]:
         ],
         "instances": instances,
         "routesVersion": state.routesVersion,
-        "rateLimit": spec.rateLimit,
+        "rateLimit": spec.rateLimit or None,
         "deploymentId": deployment.deploymentId if deployment is not None else None,
     }

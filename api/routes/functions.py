@@ -283,7 +283,7 @@ async def clear_rate_limit(
         function_id,
         version_id,
         FunctionVersionWorkflow.update_tags,
-        UpdateTagsRequest(tags=None, clearRateLimit=True),
+        UpdateTagsRequest(tags=None, rateLimit={}),
     )
     return Response(status_code=204)
 

@@ -27,6 +27,7 @@ the replica count is lowered, then the released pods are deleted.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -840,8 +841,12 @@ class KubernetesBackend:
         )
         if current is None:
             await self._create(request, namespace, name)
-        elif (current.get("spec") or {}).get("replicas") != request.count:
-            await self._run(self._scale, namespace, name, request.count)
+        else:
+            if request.spec.encryptedSecrets:
+                # Secrets updated since the deploy reach the pods started from now on.
+                await self._run(self._refresh_secret, namespace, name, self._open_secrets(request.spec))
+            if (current.get("spec") or {}).get("replicas") != request.count:
+                await self._run(self._scale, namespace, name, request.count)
         if released:
             await self._run(self._delete_pods, namespace, released)
         await self._fence(ref.versionId, request.specIndex, released, request.count)
@@ -1114,6 +1119,28 @@ class KubernetesBackend:
                     non_retryable=True,
                 ) from err
         return values
+
+    def _refresh_secret(self, namespace: str, name: str, values: dict[str, str]) -> None:
+        """Write the version's current secret values into its Secret where they differ (one read)."""
+        secret = self._call("read a Secret", self._core.read_namespaced_secret, name, namespace, ok=(404,))
+        if secret is None:
+            return
+        stored = secret.get("data") or {}
+        changed = {
+            key: value
+            for key, value in values.items()
+            if stored.get(key) != base64.b64encode(value.encode()).decode()
+        }
+        if changed:
+            self._call(
+                "update a Secret",
+                self._core.patch_namespaced_secret,
+                name,
+                namespace,
+                {"stringData": changed},
+                _content_type=MERGE_PATCH,
+            )
+            log.info("Secret %s/%s: %d value(s) updated", namespace, name, len(changed))
 
     def _scale(self, namespace: str, name: str, replicas: int) -> None:
         self._call(

@@ -238,8 +238,8 @@ async def update_secrets(
 ) -> Response:
     """Merge secrets into a version's (a name given again gets the new value); values are sealed here.
 
-    Instances the local backend starts from now on get the new values; on Kubernetes the version's
-    Secret object is written at deploy, so pods get them when the version is next deployed.
+    Instances started from now on get the new values (on Kubernetes, the version's Secret is updated
+    when its pods are next scaled); running instances keep theirs.
     """
     body = await parse_body(request, UpdateSecretsRequest)
     await context.registry.update(

@@ -183,6 +183,42 @@ async def test_undeploy_leaves_no_object_behind(
     assert namespace["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "gpufn"
 
 
+async def test_updated_secrets_reach_the_pods_started_afterwards(
+    kube_stack: Stack, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
+) -> None:
+    function = await create(
+        kube_stack,
+        echo_function(
+            "k8s-secret-update", containerArgs=echo_command(), secrets=[{"name": "TOKEN", "value": "v1"}]
+        ),
+    )
+    await deploy(kube_stack, function, gpu_spec(group, min_instances=1, max_instances=2))
+    [first] = (await wait_running(kube_stack, function, 1, timeout=60))["instances"]
+    path = f"/v2/nvcf/secrets/functions/{function['id']}/versions/{function['versionId']}"
+    assert (
+        await kube_stack.http.put(path, json={"secrets": [{"name": "TOKEN", "value": "v2"}]})
+    ).status_code == 204
+    scaled = await kube_stack.http.put(
+        deployment_path(function), json=gpu_spec(group, min_instances=2, max_instances=2)
+    )
+    assert scaled.status_code == 200, scaled.text
+    body = await wait_running(kube_stack, function, 2, timeout=60)
+    [second] = [i for i in body["instances"] if i["instanceId"] != first["instanceId"]]
+
+    core = client.CoreV1Api(kube_api)
+    namespace = namespace_of(function)
+
+    def environ(instance: dict[str, Any]) -> list[bytes]:
+        pod = read_json(core.read_namespaced_pod, instance["instanceId"], namespace)
+        pid = int((kube_cluster.kubelet_state_dir / "pids" / f"{pod['metadata']['uid']}.pid").read_text())
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+    # The running pod keeps the value it started with; the new one gets the updated value.
+    assert b"TOKEN=v1" in environ(first)
+    assert b"TOKEN=v2" in environ(second)
+    await undeploy(kube_stack, function)
+
+
 async def test_not_enough_gpus_ends_in_error_with_the_scheduler_reason(
     kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:

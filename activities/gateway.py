@@ -127,8 +127,7 @@ class LoadMonitor:
         Idle versions wait here instead of on every tick, so a thousand of them cost a wake-up each
         every couple of seconds, while a load step still reaches its autoscaler on the next poll.
         """
-        self._ensure_running()
-        event = self._load_changed.setdefault(version_id, asyncio.Event())
+        event = self.change_event(version_id)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max_wait)
 

@@ -12,20 +12,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
-from temporalio.api.workflowservice.v1 import ListWorkflowExecutionsRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.problems import ProblemError
+from api.visibility import executions, memo_json
 from workflows import function_version_workflow_id
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import FunctionStatus, FunctionVersionInput, VersionState, VersionView
 from workflows.routes import route_memo, summary_memo
 
-LIST_PAGE_SIZE = 1000
 VISIBILITY_SETTLE_SECONDS = 2.0
 """How long a lookup by function ID retries while a just-created version reaches visibility."""
 
@@ -95,23 +94,10 @@ class FunctionRegistry:
         # The raw RPC, not the SDK's iterator: building a WorkflowExecution per item (search attributes,
         # memo objects) cost as much as the visibility query itself for a thousand versions.
         entries: list[tuple[int, bytes]] = []
-        token = b""
-        while True:
-            page = await self._client.workflow_service.list_workflow_executions(
-                ListWorkflowExecutionsRequest(
-                    namespace=self._client.namespace,
-                    query=_list_query(account, function_id),
-                    page_size=LIST_PAGE_SIZE,
-                    next_page_token=token,
-                )
-            )
-            for info in page.executions:
-                payload = info.memo.fields.get("summary")
-                if payload is not None and payload.metadata.get("encoding") == b"json/plain":
-                    entries.append((info.start_time.ToNanoseconds(), payload.data))
-            token = page.next_page_token
-            if not token:
-                break
+        async for info in executions(self._client, _list_query(account, function_id)):
+            data = memo_json(info, "summary")
+            if data is not None:
+                entries.append((info.start_time.ToNanoseconds(), data))
         entries.sort(key=lambda entry: entry[0])
         return b"[" + b",".join(data for _, data in entries) + b"]"
 
@@ -136,26 +122,14 @@ class FunctionRegistry:
         query = (
             f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'INACTIVE'"
         )
-        token = b""
-        while True:
-            page = await self._client.workflow_service.list_workflow_executions(
-                ListWorkflowExecutionsRequest(
-                    namespace=self._client.namespace,
-                    query=query,
-                    page_size=LIST_PAGE_SIZE,
-                    next_page_token=token,
-                )
-            )
-            for info in page.executions:
-                payload = info.memo.fields.get("route")
-                if payload is None or deployment_id.encode() not in payload.data:
-                    continue
-                route = json.loads(payload.data)
-                if route.get("deploymentId") == deployment_id and route.get("accountId") == account:
-                    return str(route["functionId"]), str(route["versionId"])
-            token = page.next_page_token
-            if not token:
-                return None
+        async for info in executions(self._client, query):
+            data = memo_json(info, "route")
+            if data is None or deployment_id.encode() not in data:
+                continue
+            route = json.loads(data)
+            if route.get("deploymentId") == deployment_id and route.get("accountId") == account:
+                return str(route["functionId"]), str(route["versionId"])
+        return None
 
     async def function_versions(self, account: str, function_id: str) -> list[dict[str, Any]]:
         """Return a function's versions, waiting briefly for a just-created one to reach visibility."""

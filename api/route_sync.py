@@ -18,8 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
-from temporalio.api.workflowservice.v1 import ListWorkflowExecutionsRequest
 from temporalio.client import Client
+
+from api.visibility import executions, memo_json
 
 log = logging.getLogger(__name__)
 
@@ -109,27 +110,12 @@ class RouteSync:
         self.synced.set()
 
     async def _routes(self, query: str) -> AsyncIterator[tuple[str, bool, bytes]]:
-        """Yield (workflow ID, running, route memo JSON) per matching execution, from raw visibility pages.
-
-        The raw RPC, not the SDK's iterator, which builds a WorkflowExecution (search attributes, memo
-        objects) per item: with a thousand versions that decoding cost more than the query.
-        """
-        token = b""
-        while True:
-            page = await self._client.workflow_service.list_workflow_executions(
-                ListWorkflowExecutionsRequest(
-                    namespace=self._client.namespace, query=query, page_size=1000, next_page_token=token
-                )
-            )
-            for info in page.executions:
-                payload = info.memo.fields.get("route")
-                if payload is None or payload.metadata.get("encoding") != b"json/plain":
-                    continue
+        """Yield (workflow ID, running, route memo JSON) per matching execution."""
+        async for info in executions(self._client, query):
+            data = memo_json(info, "route")
+            if data is not None:
                 running = info.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
-                yield info.execution.workflow_id, running, payload.data
-            token = page.next_page_token
-            if not token:
-                return
+                yield info.execution.workflow_id, running, data
 
     async def _poll_forever(self) -> None:
         while True:

@@ -28,6 +28,7 @@ from api.deps import AppContext
 from api.gateway import Gateway, GatewaySettings
 from api.problems import PROBLEM_CONTENT_TYPE, ProblemError, problem_body
 from api.registry import FunctionRegistry
+from api.route_lookup import TemporalRouteSource
 from api.route_sync import RouteSync
 from api.routes import deployments, functions, keys, system
 from gpufn.cluster_groups import ClusterGroups
@@ -110,7 +111,7 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
             temporal, settings.task_queue, settings.resolved_admin_key(), settings.admin_account
         )
         await key_cache.start()
-        gateway = _build_gateway(settings, key_cache)
+        gateway = _build_gateway(settings, key_cache, TemporalRouteSource(temporal))
         await gateway.start()
         context = AppContext(
             settings=settings,
@@ -148,7 +149,7 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
     return app
 
 
-def _build_gateway(settings: Settings, key_cache: KeyCache) -> Gateway:
+def _build_gateway(settings: Settings, key_cache: KeyCache, route_source: TemporalRouteSource) -> Gateway:
     """Build the invocation gateway of this replica.
 
     A replica's id defaults to its host name, and its peers to the other replicas of `gateway_urls`
@@ -162,12 +163,14 @@ def _build_gateway(settings: Settings, key_cache: KeyCache) -> Gateway:
     peers.pop(replica_id, None)
     return Gateway(
         authenticate=key_cache.authenticate,
+        route_source=route_source,
         settings=GatewaySettings(
             result_ttl_seconds=settings.result_ttl,
             result_memory_bytes=settings.result_memory_bytes,
             max_queue_depth=settings.max_queue_depth,
             replica_id=replica_id,
             peers=peers,
+            peer_key=settings.resolved_admin_key(),
         ),
     )
 

@@ -16,6 +16,20 @@ from temporalio.client import Client
 PAGE_SIZE = 1000
 
 
+def query_literal(value: str) -> str:
+    """Return `value` as a quoted string literal of Temporal's visibility query language.
+
+    Every query built from input goes through here: quotes and backslashes are escaped, and a value with
+    a control character (NUL included, which the SQL stores behind visibility choke on) is refused.
+
+    Raises:
+        ValueError: `value` holds a control character.
+    """
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError("a control character cannot be part of a visibility query")
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 async def executions(client: Client, query: str) -> AsyncIterator[WorkflowExecutionInfo]:
     """Yield every execution matching `query`, as the visibility RPC returns it."""
     token = b""

@@ -26,7 +26,7 @@ import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from api.gateway.dispatcher import Dispatcher, QueueFull, response_headers
@@ -47,6 +47,7 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
+from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
@@ -59,6 +60,8 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOAD_PATH = "/internal/v1/load"
+ROUTES_PATH = "/internal/v1/routes"
+"""Where a replica takes route changes from its peers (admin keys only)."""
 FORWARDED_HEADER = b"x-gpufn-forwarded"
 """Marks a status or position poll forwarded by another replica (never forwarded again)."""
 
@@ -122,9 +125,12 @@ async def send_json(send: Send, status: int, body: Any, headers: HeaderList | No
     await send({"type": "http.response.body", "body": data})
 
 
-async def send_problem(send: Send, status: int, detail: str, headers: HeaderList | None = None) -> None:
-    """Send a problem-details answer (raised before the request was accepted: no NVCF-REQID)."""
-    data = problem_bytes(status, detail)
+async def send_problem(
+    send: Send, status: int, detail: str, headers: HeaderList | None = None, request_id: str | None = None
+) -> None:
+    """Send a problem-details answer; `request_id` names the request it is about, when there is one."""
+    extra = {"requestId": request_id} if request_id else {}
+    data = problem_bytes(status, detail, **extra)
     out = [_PROBLEM, (b"content-length", b"%d" % len(data))]
     if headers:
         out.extend(headers)
@@ -135,11 +141,14 @@ async def send_problem(send: Send, status: int, detail: str, headers: HeaderList
 class _Refused(Exception):
     """An expected refusal, answered with problem details."""
 
-    def __init__(self, status: int, detail: str, headers: HeaderList | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, headers: HeaderList | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers
+        self.request_id = request_id
 
 
 class Gateway:
@@ -148,17 +157,28 @@ class Gateway:
     Args:
         authenticate: Turns an Authorization header into a principal; called on every request.
         settings: Limits, poll windows, result retention, this replica's id and its peers.
+        route_source: Asked when an invocation misses the route table (a version the table does not
+            know or does not know as invocable), before the gateway answers 404 or 400.
 
     Attributes:
         routes: The routing table; feed it with `apply(route_memo)` and `remove(version_id)`.
         settings: The settings in use.
     """
 
-    def __init__(self, authenticate: Authenticate, settings: GatewaySettings | None = None) -> None:
+    def __init__(
+        self,
+        authenticate: Authenticate,
+        settings: GatewaySettings | None = None,
+        route_source: RouteSource | None = None,
+    ) -> None:
         self.settings = settings or GatewaySettings()
         self._authenticate = authenticate
         self._dispatcher = Dispatcher(self.settings)
         self.routes: RouteTable = self._dispatcher.routes
+        self.misses: MissResolver | None = (
+            MissResolver(route_source, self.routes) if route_source is not None else None
+        )
+        """Looks a version up at its source when an invocation misses the table (None: table only)."""
         self._load_report = LoadReport(lambda: self.routes.load_snapshot()["versions"])
         self._tag = replica_tag(self.settings.replica_id)
         self._peers: dict[str, Endpoint] = {
@@ -229,6 +249,9 @@ class Gateway:
         if scope["type"] != "http":
             return False
         path: str = scope["path"]
+        if path == ROUTES_PATH:
+            await self._guard(self._peer_routes(scope, receive, send), send)
+            return True
         if path.startswith("/v2/"):
             parts = path.split("/")
             org: str | None = None
@@ -268,7 +291,7 @@ class Gateway:
         try:
             await handler
         except _Refused as refused:
-            await send_problem(send, refused.status, refused.detail, refused.headers)
+            await send_problem(send, refused.status, refused.detail, refused.headers, refused.request_id)
         except Exception:
             log.exception("Gateway request failed")
             # Fails if the response had started; the server then closes the connection instead.
@@ -308,14 +331,14 @@ class Gateway:
     def _poll_seconds(self, raw: bytes | None) -> int:
         if raw is None:
             return self.settings.default_poll_seconds
-        value = raw.strip()
-        if not value.isdigit() or int(value) > self.settings.max_poll_seconds:
+        value = _small_int(raw.strip())
+        if value is None or value > self.settings.max_poll_seconds:
             raise _Refused(
                 400,
                 "NVCF-POLL-SECONDS must be a whole number of seconds "
                 f"from 0 to {self.settings.max_poll_seconds}",
             )
-        return int(value)
+        return value
 
     @staticmethod
     def _visible(version: VersionRoute, principal: Principal) -> bool:
@@ -402,13 +425,28 @@ class Gateway:
                 has_content_type = True
             forwarded.extend((name, b": ", value, b"\r\n"))
         principal = self._principal(authorization, INVOKE_SCOPE, org)
-        version = self._select(principal, function_id, version_id)
+        try:
+            version = self._select(principal, function_id, version_id)
+        except _Refused:
+            if self.misses is None:
+                raise
+            # The table may lag the lifecycle: ask the source once, then decide on what it said.
+            arrived = time.monotonic()
+            if version_id is None:
+                await self.misses.resolve_function(function_id, arrived)
+            else:
+                await self.misses.resolve_version(function_id, version_id, arrived)
+            version = self._select(principal, function_id, version_id)
         poll = self._poll_seconds(poll_raw)
         limit = self.settings.max_request_bytes
-        if length_raw is not None and (not length_raw.isdigit() or int(length_raw) > limit):
-            if not length_raw.isdigit():
-                raise _Refused(400, "Invalid Content-Length")
-            raise _Refused(413, f"The request body exceeds {limit} bytes; pass large inputs as assets")
+        if length_raw is not None:
+            length = _small_int(length_raw)
+            if length is None:
+                if not length_raw.isdigit():
+                    raise _Refused(400, "Invalid Content-Length")
+                length = limit + 1  # more digits than any accepted size has
+            if length > limit:
+                raise _Refused(413, f"The request body exceeds {limit} bytes; pass large inputs as assets")
         body = await self._read_body(receive, limit)
         if body is None:
             return  # the client left while sending
@@ -464,14 +502,26 @@ class Gateway:
     async def _answer(
         self, invocation: Invocation, poll: int, send: Send, receive: Receive, *, invoking: bool
     ) -> None:
-        """Wait up to `poll` seconds for the answer; send it, or a 202 that tells the client to poll."""
-        if poll > 0 and invocation.state != DONE:
+        """Wait up to `poll` seconds for the answer; send it, or a 202 that tells the client to poll.
+
+        An invoking client that accepts an event stream is never told to poll (NVCF's streaming clients
+        cannot follow a 202): it waits for its instance and first byte as long as the request may take,
+        the dispatcher answering 504 at the request's deadline. While it waits, SSE comments keep its
+        connection busy after `stream_keepalive_seconds` (proxies cut idle connections).
+        """
+        streaming = invoking and invocation.accept_stream
+        if (poll > 0 or streaming) and invocation.state != DONE:
             loop = asyncio.get_running_loop()
+            keepalive: _StreamKeepAlive | None = None
+            if streaming and self.settings.stream_keepalive_seconds > 0:
+                interval = self.settings.stream_keepalive_seconds
+                keepalive = _StreamKeepAlive(send, interval, invocation.id_bytes)
             waiter = Waiter(
-                loop.create_future(), send if invoking and invocation.accept_stream else None, receive
+                loop.create_future(), (keepalive.send if keepalive else send) if streaming else None, receive
             )
             invocation.waiters.append(waiter)
-            waiter.timer = loop.call_later(poll, waiter.wake, POLL_EXPIRED)
+            if not streaming:
+                waiter.timer = loop.call_later(poll, waiter.wake, POLL_EXPIRED)
             watcher: asyncio.Task[None] | None = None
             if not invoking or invocation.state == QUEUED:
                 # A status poll whose client leaves must not take the answer with it (it is returned
@@ -485,6 +535,11 @@ class Gateway:
                     watcher.cancel()
                 if waiter.timer is not None:
                     waiter.timer.cancel()
+                if keepalive is not None:
+                    keepalive.stop()
+            if keepalive is not None and keepalive.started and isinstance(outcome, Result):
+                await keepalive.finish(outcome)
+                return
             if isinstance(outcome, Result):
                 await outcome.send(send)
                 return
@@ -495,7 +550,11 @@ class Gateway:
                 # a broken transfer rather than a clean end of stream.
                 return
             if outcome is CLAIMED:
-                raise _Refused(404, f"Request id '{invocation.id}': the result was returned to another poll")
+                raise _Refused(
+                    404,
+                    f"Request id '{invocation.id}': the result was returned to another poll",
+                    request_id=invocation.id,
+                )
             if waiter in invocation.waiters:
                 invocation.waiters.remove(waiter)
         if invocation.state == DONE:
@@ -548,7 +607,11 @@ class Gateway:
             return
         invocation = self._dispatcher.pending.get(request_id)
         if invocation is None or (account is not None and invocation.account != account):
-            raise _Refused(404, f"Request id '{request_id}' not found (unknown, expired or already returned)")
+            raise _Refused(
+                404,
+                f"Request id '{request_id}' not found (unknown, expired or already returned)",
+                request_id=request_id,
+            )
         await self._answer(invocation, poll, send, receive, invoking=False)
 
     async def _position(self, scope: Scope, send: Send, org: str | None, request_id: str) -> None:
@@ -565,7 +628,8 @@ class Gateway:
         if invocation is not None and (principal.admin or invocation.account == principal.account):
             position = self._dispatcher.position(invocation)
         if invocation is None or position is None:
-            raise _Refused(404, f"Request id '{request_id}' is not in pending or in progress state")
+            detail = f"Request id '{request_id}' is not in pending or in progress state"
+            raise _Refused(404, detail, request_id=request_id)
         await send_json(
             send,
             200,
@@ -622,6 +686,88 @@ class Gateway:
         epoch = query.get("epoch", [None])[0]
         await send_json(send, 200, self.load_report(int(since) if since.isdigit() else None, epoch))
 
+    # --- route changes shared with the other replicas --------------------------------------------------
+
+    async def publish_route(self, route: Mapping[str, Any]) -> None:
+        """Apply a version's new route here and on every peer replica, then return.
+
+        The management API calls it after each change it made (deploy, update, undeploy), so that once
+        the change is answered every replica routes by the new entry: none sends new requests to a
+        version that was undeployed. A peer that does not answer within `peer_timeout_seconds` catches up
+        through its visibility poll (a replica that is down serves nothing meanwhile).
+        """
+        self.routes.apply(route)
+        await self._tell_peers({"apply": dict(route)})
+
+    async def withdraw_route(self, version_id: str) -> None:
+        """Forget a (deleted) version here and on every peer replica, then return."""
+        self.routes.remove(version_id)
+        await self._tell_peers({"remove": version_id})
+
+    async def _tell_peers(self, change: dict[str, Any]) -> None:
+        if self._peers:
+            body = json.dumps(change).encode()
+            await asyncio.gather(*(self._tell_peer(peer, body) for peer in self._peers.values()))
+
+    async def _tell_peer(self, peer: Endpoint, body: bytes) -> None:
+        head = b"POST %s HTTP/1.1\r\nhost: %s\r\nauthorization: Bearer %s\r\n%s: 1\r\n" % (
+            ROUTES_PATH.encode(),
+            peer.host_header,
+            self.settings.peer_key.encode(),
+            FORWARDED_HEADER,
+        )
+        head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        pool = self._dispatcher.pool
+        try:
+            conn = await pool.acquire(peer)
+        except UpstreamError as exc:
+            log.warning("Route change not sent to replica %s: %s", peer.url, exc.detail)
+            return
+        conn.send(head + body, 64 * 1024)
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.peer_timeout_seconds,
+            conn.fail,
+            UpstreamTimeout("The replica did not acknowledge the route change", sent=True),
+        )
+        try:
+            status, _ = await conn.read_head()
+            await conn.read_body()
+        except UpstreamError as exc:
+            log.warning("Route change not acknowledged by replica %s: %s", peer.url, exc.detail)
+            return
+        finally:
+            timer.cancel()
+            conn.finish()
+        if status != 200:
+            log.warning("Replica %s refused a route change with status %d", peer.url, status)
+
+    async def _peer_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Apply a route change sent by a peer replica (POST /internal/v1/routes, admin keys only)."""
+        if scope["method"] != "POST":
+            raise _Refused(405, "Route changes are POST requests", [(b"allow", b"POST")])
+        authorization = _headers(scope).get(b"authorization")
+        principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
+        if principal is None:
+            raise _Refused(401, "Unauthorized access", [(b"www-authenticate", b"Bearer")])
+        if not principal.admin:
+            raise _Refused(403, "Route changes need an admin key")
+        body = await self._read_body(receive, self.settings.max_request_bytes)
+        if body is None:
+            return
+        try:
+            change = json.loads(body)
+            if not isinstance(change, dict):
+                raise ValueError("not an object")
+            if isinstance(change.get("apply"), dict):
+                self.routes.apply(change["apply"])
+            elif isinstance(change.get("remove"), str):
+                self.routes.remove(change["remove"])
+            else:
+                raise ValueError("expected {'apply': route} or {'remove': versionId}")
+        except (ValueError, KeyError, TypeError) as err:
+            raise _Refused(400, f"Invalid route change: {err}") from None
+        await send_json(send, 200, {"applied": True})
+
     # --- forwarding to the replica that holds a request ----------------------------------------------
 
     def _peer(self, request_id: str, headers: dict[bytes, bytes]) -> Endpoint | None:
@@ -663,6 +809,67 @@ class Gateway:
         out.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
+
+
+class _StreamKeepAlive:
+    """Keeps a waiting event-stream client's connection busy with SSE comments until its answer comes.
+
+    After `interval` seconds without an answer it starts the response (200, `text/event-stream`) and
+    sends a comment line every `interval` seconds. The dispatcher relays the instance's stream through
+    `send`, which stops the comments and drops the relay's own response start once one went out; an
+    answer that is not a stream ends a started response as one SSE event (`event: error` for a status of
+    400 and above).
+    """
+
+    def __init__(self, send: Send, interval: float, request_id: bytes) -> None:
+        self._send = send
+        self._request_id = request_id
+        self.started = False
+        self._relaying = False
+        self._task = asyncio.get_running_loop().create_task(self._run(interval))
+
+    async def _run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._relaying:
+                return
+            if not self.started:
+                self.started = True
+                headers = [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                    (b"nvcf-reqid", self._request_id),
+                    (b"access-control-expose-headers", b"nvcf-reqid"),
+                ]
+                await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        """Relay the instance's stream: stop the comments; skip the response start if one went out."""
+        if not self._relaying:
+            self._relaying = True
+            self._task.cancel()
+        if message["type"] == "http.response.start" and self.started:
+            return
+        await self._send(message)
+
+    def stop(self) -> None:
+        """Send no more comments."""
+        self._task.cancel()
+
+    async def finish(self, result: Result) -> None:
+        """End the started stream with an answer that is not a stream, as one SSE event."""
+        lines = result.body.replace(b"\r\n", b"\n").split(b"\n")
+        event = b"event: error\n" if result.status >= 400 else b""
+        data = b"".join(b"data: %s\n" % line for line in lines)
+        await self._send({"type": "http.response.body", "body": event + data + b"\n", "more_body": False})
+
+
+def _small_int(value: bytes) -> int | None:
+    """Return the ASCII decimal `value` as an int; None for anything else, or for over 15 digits."""
+    if not value.isdigit() or len(value) > 15:
+        return None
+    return int(value)
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

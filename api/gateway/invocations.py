@@ -179,18 +179,16 @@ class Invocation:
 
     def problem(self, status: int, detail: str) -> Result:
         """Return an errored answer raised by the gateway itself (problem details)."""
-        return self.answer(status, [_PROBLEM_TYPE], problem_bytes(status, detail, self.id), ERRORED)
+        body = problem_bytes(status, detail, self.id, requestId=self.id)
+        return self.answer(status, [_PROBLEM_TYPE], body, ERRORED)
 
     def instance_error(self, status: int, body: bytes) -> Result:
-        """Re-wrap an instance's error answer as NVCF does (reference 5.5)."""
-        detail = "Inference error"
-        if body[:1] == b"{":
-            try:
-                parsed = json.loads(body)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and parsed["error"]:
-                detail = parsed["error"]
+        """Re-wrap an instance's error answer as NVCF does (reference 5.5), keeping the function's message.
+
+        The detail is the JSON body's `error` (NVCF) or `detail` (FastAPI and others) member: a string as
+        it is, an object or a list as compact JSON; "Inference error" when the body has neither.
+        """
+        detail = _error_message(body) or "Inference error"
         try:
             phrase = HTTPStatus(status).phrase
         except ValueError:
@@ -201,12 +199,36 @@ class Invocation:
             "title": phrase,
             "status": status,
             "detail": detail,
+            "requestId": self.id,
         }
         return self.answer(status, [_PROBLEM_TYPE], json.dumps(problem).encode(), ERRORED)
 
     def in_progress_headers(self) -> HeaderList:
         """Return the headers of a 202 for this request."""
         return [(_REQID, self.id_bytes), (_STATUS, IN_PROGRESS), _EXPOSE, (b"content-length", b"0")]
+
+
+MAX_ERROR_DETAIL = 4096
+"""Longest function error message carried into the problem's detail (characters)."""
+
+
+def _error_message(body: bytes) -> str | None:
+    """Return the message of a function's JSON error body (`error` or `detail`), or None."""
+    if body[:1] != b"{":
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    for key in ("error", "detail"):
+        value = parsed.get(key)
+        if isinstance(value, str) and value:
+            return value[:MAX_ERROR_DETAIL]
+        if isinstance(value, (dict, list)) and value:
+            return json.dumps(value, separators=(",", ":"))[:MAX_ERROR_DETAIL]
+    return None
 
 
 class _Stored:

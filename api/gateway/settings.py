@@ -31,6 +31,9 @@ class GatewaySettings:
     """Largest inline response (told to instances as NVCF-MAX-RESPONSE-SIZE-BYTES); larger is errored."""
     request_timeout_seconds: float = 3600.0
     """Overall budget of one invocation, queueing included; past it the request fails with 504."""
+    stream_keepalive_seconds: float = 20.0
+    """A streaming invocation (`Accept: text/event-stream`) still waiting for its first byte after this long
+    starts its response and gets an SSE comment line this often, so proxies do not cut it; 0: never."""
     connect_timeout_seconds: float = 5.0
     """How long to wait for a connection to an instance before trying another one."""
     upstream_idle_seconds: float = 4.0
@@ -39,6 +42,10 @@ class GatewaySettings:
     """This API replica's id; request ids carry it so another replica can forward a status poll."""
     peers: dict[str, str] = field(default_factory=dict)
     """Other replicas: replica id -> base URL, for forwarding status and position polls."""
+    peer_key: str = ""
+    """The key this replica presents to its peers when it tells them of a route change (the admin key)."""
+    peer_timeout_seconds: float = 1.0
+    """How long a route change waits for each peer's acknowledgement before it goes on without it."""
     region: str = "local"
     """Sent to instances as NVCF-REGION and NVCF-INVOCATION-REGION."""
     environment: str = "gpufn"

@@ -89,9 +89,9 @@ def _specifications(
     return specs
 
 
-def _apply_route(context: AppContext, state: VersionState) -> None:
-    """Show this replica's gateway the change at once; the others see it through visibility."""
-    context.gateway.routes.apply(route_memo(state))
+async def _publish_route(context: AppContext, state: VersionState) -> None:
+    """Show every replica's gateway the change before it is answered (an undeploy takes effect at once)."""
+    await context.gateway.publish_route(route_memo(state))
 
 
 @router.post("/deployments/functions/{function_id}/versions/{version_id}")
@@ -109,7 +109,7 @@ async def create_deployment(
         FunctionVersionWorkflow.deploy,
         DeployRequest(deploymentId=str(uuid.uuid4()), specifications=specs, requestedAt=datetime.now(UTC)),
     )
-    _apply_route(context, state)
+    await _publish_route(context, state)
     return deployment_json(state)
 
 
@@ -119,9 +119,6 @@ async def get_deployment(
 ) -> dict[str, Any]:
     """Return a version's deployment, with healthInfo when instances fail."""
     state = await context.registry.describe(principal.account, function_id, version_id)
-    # What this caller just saw, this replica's gateway serves: an invocation right after a GET that
-    # shows ACTIVE must not wait for the next visibility poll.
-    _apply_route(context, state)
     return deployment_json(state)
 
 
@@ -148,7 +145,7 @@ async def update_deployment(
         FunctionVersionWorkflow.update_deployment,
         UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
     )
-    _apply_route(context, state)
+    await _publish_route(context, state)
     return deployment_json(state)
 
 
@@ -165,7 +162,6 @@ async def _deployed_by_id(context: AppContext, account: str, deployment_id: str)
 async def get_deployment_by_id(deployment_id: str, principal: Deployer, context: Context) -> dict[str, Any]:
     """Return a deployment by its ID (NVCF's OSS form of the deployment lookup)."""
     state = await _deployed_by_id(context, principal.account, deployment_id)
-    _apply_route(context, state)
     return deployment_json(state)
 
 
@@ -201,7 +197,7 @@ async def update_gpu_specification(
         FunctionVersionWorkflow.update_deployment,
         UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
     )
-    _apply_route(context, state)
+    await _publish_route(context, state)
     return deployment_json(state)
 
 
@@ -217,7 +213,7 @@ async def delete_deployment(
         FunctionVersionWorkflow.undeploy,
         UndeployRequest(graceful=graceful),
     )
-    _apply_route(context, state)
+    await _publish_route(context, state)
     return {"function": version_json(state)}
 
 

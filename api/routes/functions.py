@@ -294,6 +294,6 @@ async def delete_version(function_id: str, version_id: str, principal: Deleter, 
     state = await context.registry.update(
         principal.account, function_id, version_id, FunctionVersionWorkflow.delete, DeleteRequest()
     )
-    context.gateway.routes.remove(version_id)
+    await context.gateway.withdraw_route(version_id)
     assert state.status == FunctionStatus.DELETED
     return Response(status_code=204)

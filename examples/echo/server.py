@@ -4,6 +4,7 @@ Runs under the local backend (`python examples/echo/server.py`), which sets HOST
 Optional knobs in a JSON body, so one function can show every invocation behaviour:
   {"delaySeconds": 2}            answer after a delay (202 + polling when longer than NVCF-POLL-SECONDS)
   {"status": 500, "error": "x"}  answer with that status and {"error": "x"}
+  {"status": 422, "errorBody": {...}}  answer with that status and that JSON body
   {"stream": 5}                  with Accept: text/event-stream, send 5 events, 0.2 s apart
 Environment: ECHO_DELAY_MS adds a fixed delay to every request (the benchmark's "20 ms function");
 ECHO_START_SECONDS delays start-up (a model that takes a while to load).
@@ -36,6 +37,8 @@ async def echo(request: web.Request) -> web.StreamResponse:
     delay = FIXED_DELAY + float(options.get("delaySeconds", 0) or 0)
     if delay:
         await asyncio.sleep(delay)
+    if "status" in options and "errorBody" in options:
+        return web.json_response(options["errorBody"], status=int(options["status"]))
     if "status" in options:
         return web.json_response(
             {"error": options.get("error", "requested error")}, status=int(options["status"])

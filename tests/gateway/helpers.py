@@ -25,6 +25,7 @@ import httpx
 import uvicorn
 
 from api.gateway import Gateway, GatewaySettings
+from api.gateway.route_lookup import RouteSource
 from api.principal import ALL_SCOPES, Principal
 from workflows.models import (
     Deployment,
@@ -53,6 +54,23 @@ KEYS: dict[str, Principal] = {
     ),
     "Bearer key-admin": Principal(account="ops", key_id="key-admin", scopes=frozenset(), admin=True),
 }
+
+
+PROBLEM = "application/problem+json"
+
+
+def pexec(function_id: str, version_id: str | None = None) -> str:
+    """Return the pexec path of a function (or of one of its versions)."""
+    path = f"/v2/nvcf/pexec/functions/{function_id}"
+    return f"{path}/versions/{version_id}" if version_id else path
+
+
+async def submit(served: Served, function_id: str, body: dict[str, Any]) -> str:
+    """Invoke without waiting (NVCF-POLL-SECONDS: 0) and return the request id of the 202."""
+    response = await served.http.post(pexec(function_id), json=body, headers={"NVCF-POLL-SECONDS": "0"})
+    assert response.status_code == 202, response.text
+    assert response.headers["nvcf-status"] == "in-progress"
+    return response.headers["nvcf-reqid"]
 
 
 def authenticate(header: str | None) -> Principal | None:
@@ -192,10 +210,10 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve_gateway(
-    settings: GatewaySettings | None = None, port: int | None = None
+    settings: GatewaySettings | None = None, port: int | None = None, route_source: RouteSource | None = None
 ) -> AsyncIterator[Served]:
     """Serve a fresh gateway with uvicorn (httptools) on a free loopback port, on the test's loop."""
-    gateway = Gateway(authenticate, settings or GatewaySettings(replica_id="test"))
+    gateway = Gateway(authenticate, settings or GatewaySettings(replica_id="test"), route_source)
     port = port or free_port()
     config = uvicorn.Config(
         gateway.asgi_app(),

@@ -11,21 +11,13 @@ from tests.gateway.helpers import (
     Served,
     eventually,
     free_port,
+    pexec,
     route,
     serve_gateway,
     settings,
+    submit,
     uid,
 )
-
-
-def pexec(function_id: str) -> str:
-    return f"/v2/nvcf/pexec/functions/{function_id}"
-
-
-async def submit(served: Served, function_id: str, body: dict[str, object]) -> str:
-    response = await served.http.post(pexec(function_id), json=body, headers={"NVCF-POLL-SECONDS": "0"})
-    assert response.status_code == 202, response.text
-    return response.headers["nvcf-reqid"]
 
 
 async def status(served: Served, request_id: str, poll: int = 10) -> httpx.Response:

@@ -14,22 +14,17 @@ from api.gateway import replica_tag
 from tests.gateway.helpers import (
     ACCOUNT,
     OTHER_ACCOUNT,
+    PROBLEM,
     Recorder,
     Served,
     auth,
+    pexec,
     route,
     serve_gateway,
     settings,
     uid,
 )
 from workflows.models import FunctionStatus
-
-PROBLEM = "application/problem+json"
-
-
-def pexec(function_id: str, version_id: str | None = None) -> str:
-    path = f"/v2/nvcf/pexec/functions/{function_id}"
-    return f"{path}/versions/{version_id}" if version_id else path
 
 
 async def test_sync_invocation_returns_the_instance_answer(gw: Served, echo_urls: list[str]) -> None:
@@ -153,6 +148,7 @@ async def test_instance_errors_come_back_as_nvcf_problem_details(gw: Served, ech
         "title": "Service Unavailable",
         "status": 503,
         "detail": "model overloaded",
+        "requestId": response.headers["nvcf-reqid"],
     }
 
 

@@ -6,25 +6,11 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any
 
 import httpx
 
-from tests.gateway.helpers import Served, auth, eventually, route, serve_gateway, settings, uid
+from tests.gateway.helpers import Served, auth, eventually, pexec, route, serve_gateway, settings, submit, uid
 from workflows.models import FunctionStatus
-
-
-def pexec(function_id: str, version_id: str | None = None) -> str:
-    path = f"/v2/nvcf/pexec/functions/{function_id}"
-    return f"{path}/versions/{version_id}" if version_id else path
-
-
-async def submit(served: Served, function_id: str, body: dict[str, Any]) -> str:
-    """Invoke without waiting (NVCF-POLL-SECONDS: 0) and return the request id of the 202."""
-    response = await served.http.post(pexec(function_id), json=body, headers={"NVCF-POLL-SECONDS": "0"})
-    assert response.status_code == 202, response.text
-    assert response.headers["nvcf-status"] == "in-progress"
-    return response.headers["nvcf-reqid"]
 
 
 async def result(served: Served, request_id: str, poll: int = 10) -> httpx.Response:

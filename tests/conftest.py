@@ -143,9 +143,8 @@ async def serve_api(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[No
 @contextlib.asynccontextmanager
 async def running_stack(temporal_address: str, home: Path, **extra: Any) -> AsyncIterator[Stack]:
     """Start a worker process and an API server on a fresh task queue and state directory."""
-    settings = make_settings(
-        home, temporal_address, f"gpufn-test-{uuid.uuid4().hex[:8]}", free_port(), **extra
-    )
+    api_port = extra.pop("api_port", None) or free_port()
+    settings = make_settings(home, temporal_address, f"gpufn-test-{uuid.uuid4().hex[:8]}", api_port, **extra)
     client = await Client.connect(temporal_address, data_converter=pydantic_data_converter)
     log_path = home / "worker.log"
     home.mkdir(parents=True, exist_ok=True)

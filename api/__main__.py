@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from api.app import create_app
+from api.http_limits import LimitedHttpToolsProtocol
 from gpufn.settings import Settings
 
 
@@ -19,7 +20,7 @@ def main() -> None:
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop",
-        http="httptools",
+        http=LimitedHttpToolsProtocol,
         access_log=False,
         # No proxy sits in front of the embedded API; parsing forwarded headers costs per request.
         proxy_headers=False,

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
-from temporalio.client import Client
+from temporalio.client import Client, RPCTimeoutOrCancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 
@@ -38,6 +38,8 @@ from gpufn.settings import Settings
 
 log = logging.getLogger(__name__)
 
+CONTROL_PLANE_RETRY_AFTER = "2"
+"""Seconds a client is told to wait before retrying a call that Temporal failed."""
 NVCF_PREFIXES = ("/v2/nvcf", "/v2/orgs/{org}/nvcf", "/v2/orgs/{org}/teams/{team}/nvcf")
 
 
@@ -73,7 +75,23 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RPCError)
     async def _temporal(request: Request, exc: RPCError) -> JSONResponse:
         log.error("Temporal call failed on %s %s: %s", request.method, request.url.path, exc)
-        return problem_response(503, f"The control plane is unavailable: {exc.message}", request.url.path)
+        return problem_response(
+            503,
+            f"The control plane is unavailable: {exc.message}",
+            request.url.path,
+            {"Retry-After": CONTROL_PLANE_RETRY_AFTER},
+        )
+
+    @app.exception_handler(RPCTimeoutOrCancelledError)
+    async def _temporal_timeout(request: Request, exc: Exception) -> JSONResponse:
+        # The change may or may not have been applied: the caller retries, and updates are idempotent.
+        log.error("Temporal call timed out on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            503,
+            "The control plane did not answer in time; retry the request",
+            request.url.path,
+            {"Retry-After": CONTROL_PLANE_RETRY_AFTER},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,8 +17,9 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.gateway.route_lookup import is_uuid
 from api.problems import ProblemError
-from api.visibility import executions, memo_json
+from api.visibility import executions, memo_json, query_literal
 from workflows import function_version_workflow_id
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
@@ -30,11 +31,17 @@ VISIBILITY_SETTLE_SECONDS = 2.0
 
 
 def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    try:
+        return query_literal(value)
+    except ValueError as err:
+        raise ProblemError(400, f"Invalid identifier {value!r}: {err}") from None
 
 
 def _list_query(account: str, function_id: str | None) -> str:
     """Return the visibility query of an account's live versions (of one function, when given)."""
+    if function_id is not None and not is_uuid(function_id):
+        # Every function id is a UUID: anything else names no function, and never reaches a query.
+        raise not_found(function_id, None, account)
     query = f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
     if function_id is not None:
         query += f" AND GpufnFunctionId = {_quote(function_id)}"

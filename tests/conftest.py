@@ -23,6 +23,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
+from api.http_limits import LimitedHttpToolsProtocol
 from gpufn.settings import Settings
 from gpufn.stack import temporal_cli
 from workflows import search_attributes as sa
@@ -129,7 +130,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
 async def serve_api(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None]]:
     """Serve the real API app over real HTTP on the test's event loop."""
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=settings.api_port, log_level="warning", lifespan="on"
+        create_app(settings),
+        host="127.0.0.1",
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="on",
+        http=LimitedHttpToolsProtocol,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

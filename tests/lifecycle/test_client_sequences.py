@@ -126,3 +126,28 @@ async def test_undeployed_through_one_replica_is_not_routed_by_the_other(
     after = await other.post(f"/v2/nvcf/pexec/functions/{fid}", json={})
     assert after.status_code == 404
     assert (await stack.http.delete(f"/v2/nvcf/functions/{fid}/versions/{vid}")).status_code == 204
+
+
+async def test_a_stream_that_waits_for_a_cold_start_is_not_answered_202(stack: Stack) -> None:
+    """LangChain's NVIDIA chat client streams with the default poll window (5 s) and fails on a 202."""
+    body = echo_function("slow-start", containerEnvironment=[{"key": "ECHO_START_SECONDS", "value": "6"}])
+    created = await stack.http.post("/v2/nvcf/functions", json=body)
+    function: dict[str, Any] = created.json()["function"]
+    fid, vid = function["id"], function["versionId"]
+    path = f"/v2/nvcf/deployments/functions/{fid}/versions/{vid}"
+    deployed = await stack.http.post(path, json=cpu_spec(min_instances=0, max_instances=1))
+    assert deployed.json()["deployment"]["functionStatus"] == "ACTIVE"  # scaled to zero
+
+    async with stack.http.stream(
+        "POST",
+        f"/v2/nvcf/pexec/functions/{fid}",
+        json={"stream": 3, "intervalSeconds": 0.05},
+        headers={"Accept": "text/event-stream"},
+        timeout=120,
+    ) as response:
+        raw = await response.aread()
+
+    assert response.status_code == 200, raw
+    data = [line for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert len(data) == 3
+    assert (await stack.http.delete(f"/v2/nvcf/functions/{fid}/versions/{vid}")).status_code == 204

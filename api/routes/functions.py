@@ -78,7 +78,7 @@ def build_version(
         healthUri=health.uri,
         containerImage=body.containerImage,
         containerArgs=body.containerArgs,
-        containerEnvironment=body.containerEnvironment,
+        containerEnvironment=body.environment(),
         helmChart=body.helmChart,
         helmChartServiceName=body.helmChartServiceName,
         models=body.artifacts(body.models),

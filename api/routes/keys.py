@@ -47,6 +47,11 @@ async def create_key(request: Request, principal: KeyManager, context: Context) 
         raise ProblemError(400, f"Unknown scopes {unknown}; known scopes: {sorted(ALL_SCOPES)}")
     if "manage_keys" in body.scopes and not principal.admin:
         raise ProblemError(403, "Only the admin key can grant manage_keys")
+    # A key cannot grant more than it holds: otherwise a key with only manage_keys could mint a key
+    # that deploys and invokes.
+    beyond = sorted(scope for scope in set(body.scopes) if not principal.allows(scope))
+    if beyond:
+        raise ProblemError(403, f"A key can grant only scopes it holds itself; this key lacks {beyond}")
     key, record = await context.keys.create(account, body.scopes, body.description)
     return {"key": key, **_key_json(record)}
 

@@ -414,6 +414,50 @@ class DeploymentSpecificationRequest(RequestModel):
         return self
 
 
+class GpuSpecificationPatchRequest(RequestModel):
+    """Body of `PATCH /v2/nvcf/deployments/{id}/gpu-specifications/{specId}`: only the fields to change.
+
+    `gpu`, `instanceType`, `backend` and `clusters` may be repeated (clients send the whole
+    specification back) but not changed.
+    """
+
+    minInstances: int | None = Field(default=None, ge=0, le=MAX_INSTANCES)
+    maxInstances: int | None = Field(default=None, ge=1, le=MAX_INSTANCES)
+    maxRequestConcurrency: int | None = Field(default=None, ge=1, le=MAX_REQUEST_CONCURRENCY)
+    autoscalingConfiguration: AutoscalingConfigurationRequest | None = None
+    autoscalingConfigurationPolicy: Literal["CUSTOM_CONFIGURATION", "PLATFORM_CONFIGURATION"] | None = None
+    gpufnAutoscaler: AutoscalerSettingsRequest | None = None
+    gpu: str | None = None
+    instanceType: str | None = None
+    backend: str | None = None
+    clusters: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> GpuSpecificationPatchRequest:
+        changes = self.model_dump(exclude_none=True, include=set(PATCHABLE_FIELDS))
+        if not changes:
+            raise ValueError(
+                "Invalid request: give at least one of minInstances, maxInstances, maxRequestConcurrency, "
+                "autoscalingConfiguration, autoscalingConfigurationPolicy, gpufnAutoscaler"
+            )
+        if self.autoscalingConfigurationPolicy == "PLATFORM_CONFIGURATION" and self.autoscalingConfiguration:
+            raise ValueError(
+                "Invalid request: autoscalingConfiguration cannot be combined with PLATFORM_CONFIGURATION"
+            )
+        return self
+
+
+PATCHABLE_FIELDS = (
+    "minInstances",
+    "maxInstances",
+    "maxRequestConcurrency",
+    "autoscalingConfiguration",
+    "autoscalingConfigurationPolicy",
+    "gpufnAutoscaler",
+)
+FIXED_FIELDS = ("gpu", "instanceType", "backend", "clusters")
+
+
 class DeploymentRequest(RequestModel):
     """Body of `POST|PUT /v2/nvcf/deployments/functions/{id}/versions/{vid}`."""
 

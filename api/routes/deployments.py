@@ -7,12 +7,19 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
 
 from api.deps import AppContext, Context, parse_body, require
 from api.principal import Principal
 from api.problems import ProblemError
 from api.routes.functions import version_json
-from api.schemas import DeploymentRequest, DeploymentSpecificationRequest
+from api.schemas import (
+    FIXED_FIELDS,
+    DeploymentRequest,
+    DeploymentSpecificationRequest,
+    GpuSpecificationPatchRequest,
+    describe_validation_error,
+)
 from gpufn.cluster_groups import InvalidPlacementError
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -169,12 +176,18 @@ async def get_deployment_by_id(deployment_id: str, principal: Deployer, context:
     return deployment_json(state)
 
 
+@router.get("/deployments")
+async def list_deployments(principal: Deployer, context: Context) -> dict[str, Any]:
+    """List the account's deployments (NVCF's fields of each, as `GET /deployments/{id}` shows them)."""
+    return {"deployments": await context.registry.list_deployments(principal.account)}
+
+
 @router.patch("/deployments/{deployment_id}/gpu-specifications/{gpu_specification_id}")
 async def update_gpu_specification(
     deployment_id: str, gpu_specification_id: str, request: Request, principal: Deployer, context: Context
 ) -> dict[str, Any]:
-    """Change one GPU specification of a deployment (min/max instances, concurrency, autoscaling)."""
-    body = await parse_body(request, DeploymentSpecificationRequest)
+    """Change one GPU specification of a deployment: only the fields the body gives; answer the spec."""
+    body = await parse_body(request, GpuSpecificationPatchRequest)
     current = await _deployed_by_id(context, principal.account, deployment_id)
     assert current.deployment is not None
     existing = current.deployment.specifications
@@ -185,12 +198,7 @@ async def update_gpu_specification(
         )
     requested = DeploymentRequest(
         deploymentSpecifications=[
-            body
-            if i == index
-            else DeploymentSpecificationRequest.model_validate(
-                s.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
-            )
-            for i, s in enumerate(existing)
+            _patched(body, spec) if i == index else _as_request(spec) for i, spec in enumerate(existing)
         ]
     )
     specs = _specifications(requested, current.spec, context, existing)
@@ -202,7 +210,42 @@ async def update_gpu_specification(
         UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
     )
     _apply_route(context, state)
-    return deployment_json(state)
+    assert state.deployment is not None
+    spec = next(s for s in state.deployment.specifications if s.gpuSpecificationId == gpu_specification_id)
+    return {"gpuSpecification": spec.model_dump(mode="json", exclude_none=True, exclude={"clusterGroup"})}
+
+
+def _as_request(spec: DeploymentSpecification) -> DeploymentSpecificationRequest:
+    """Return a stored specification as the request that would make it."""
+    return DeploymentSpecificationRequest.model_validate(
+        spec.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
+    )
+
+
+def _patched(
+    body: GpuSpecificationPatchRequest, spec: DeploymentSpecification
+) -> DeploymentSpecificationRequest:
+    """Merge a partial PATCH body into a stored specification; 400 when the result breaks a rule."""
+    for name in FIXED_FIELDS:
+        given, stored = getattr(body, name), getattr(spec, name)
+        if given is not None and given != stored:
+            raise ProblemError(400, f"Invalid request: {name} of a GPU specification cannot be changed")
+    merged = spec.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
+    merged.update(
+        body.model_dump(exclude_none=True, include={"minInstances", "maxInstances", "maxRequestConcurrency"})
+    )
+    if body.autoscalingConfiguration is not None:
+        merged["autoscalingConfiguration"] = body.autoscalingConfiguration.model_dump(exclude_none=True)
+    if body.autoscalingConfigurationPolicy == "PLATFORM_CONFIGURATION":
+        # An empty configuration, not an absent one: the workflow keeps a stored configuration that an
+        # update leaves out, and an empty one means the platform's policy.
+        merged["autoscalingConfiguration"] = {}
+    if body.gpufnAutoscaler is not None:
+        merged["gpufnAutoscaler"] = body.gpufnAutoscaler.model_dump()
+    try:
+        return DeploymentSpecificationRequest.model_validate(merged)
+    except ValidationError as err:
+        raise ProblemError(400, describe_validation_error(err)) from err
 
 
 @router.delete("/deployments/functions/{function_id}/versions/{version_id}")

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
@@ -48,6 +48,15 @@ def get_context(request: Request) -> AppContext:
 
 Context = Annotated[AppContext, Depends(get_context)]
 
+# Path parameters under NVCF's names (the OpenAPI document shows these).
+FunctionId = Annotated[str, Path(alias="functionId", description="The function's id")]
+VersionId = Annotated[str, Path(alias="versionId", description="The function version's id")]
+DeploymentId = Annotated[str, Path(alias="deploymentId", description="The deployment's id")]
+GpuSpecificationId = Annotated[
+    str, Path(alias="gpuSpecificationId", description="The id of one GPU specification of the deployment")
+]
+KeyId = Annotated[str, Path(alias="keyId", description="The API key's id")]
+
 
 def require(*scopes: str) -> Callable[..., Awaitable[Principal]]:
     """Return a dependency that authenticates the caller and checks that the key carries one of `scopes`."""
@@ -75,6 +84,16 @@ def require(*scopes: str) -> Callable[..., Awaitable[Principal]]:
         return replace(principal, account=org)
 
     return dependency
+
+
+def plain_path_ids(request: Request) -> None:
+    """Answer 404 for a path id with control characters: no id has them, and they must not reach a query.
+
+    The org is checked by `require`, which names the rule.
+    """
+    for name, value in request.path_params.items():
+        if name != "org" and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+            raise ProblemError(404, f"Not found: the {name} in the path is not an id")
 
 
 async def parse_body(request: Request, model: type[ModelT]) -> ModelT:

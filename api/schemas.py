@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from api.principal import ALL_SCOPES
 from gpufn.autoscaling import AutoscalerSettings, AutoscalingConfiguration, ScaleDownDetails, ScaleUpDetails
 from gpufn.durations import parse_iso_duration
 from workflows.models import ArtifactRef, EnvironmentEntry
@@ -39,6 +41,24 @@ MAX_IDLE_SECONDS = 7 * 86400.0
 MAX_DRAIN_SECONDS = 86400.0
 MAX_ENVIRONMENT_ENTRIES = 256
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+def documented(**schema: Any) -> Any:
+    """Return `json_schema_extra` that documents a limit a validator enforces (with NVCF's wording).
+
+    The validator and the schema read the same constants, so the documented limit is the enforced one.
+    """
+    return schema
+
+
+NAME_SCHEMA = documented(minLength=1, maxLength=128, pattern=NAME_PATTERN.pattern)
+URL_PATH_SCHEMA = documented(pattern=r"^/\S*$")
+DURATION_SCHEMA = documented(pattern=r"^P(\d+(\.\d+)?D)?(T(\d+(\.\d+)?H)?(\d+(\.\d+)?M)?(\d+(\.\d+)?S)?)?$")
+RATE_SCHEMA = documented(pattern=RATE_LIMIT_PATTERN.pattern)
+TAGS_SCHEMA = documented(
+    maxItems=MAX_TAGS,
+    items={"type": "string", "minLength": 1, "maxLength": MAX_TAG_LENGTH, "pattern": TAG_PATTERN.pattern},
+)
 
 
 def validate_tags(tags: list[str]) -> list[str]:
@@ -74,9 +94,9 @@ class HealthRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     protocol: Literal["HTTP", "gRPC", "GRPC"]
-    uri: str
+    uri: str = Field(json_schema_extra=URL_PATH_SCHEMA)
     port: int = Field(gt=0, le=65535)
-    timeout: str
+    timeout: str = Field(json_schema_extra=DURATION_SCHEMA)
     expectedStatusCode: int = Field(ge=100, le=599)
 
     @field_validator("uri")
@@ -129,8 +149,12 @@ class ArtifactRequest(RequestModel):
 class SecretRequest(RequestModel):
     """A secret: only its name is ever returned, and its value is never echoed, not even in an error."""
 
-    name: str
-    value: str | dict[str, Any]
+    name: str = Field(
+        json_schema_extra=documented(minLength=1, maxLength=48, pattern=SECRET_NAME_PATTERN.pattern)
+    )
+    value: str | dict[str, Any] = Field(
+        description=f"A string or a JSON object, 1-{MAX_SECRET_VALUE} characters (serialized); never returned"
+    )
 
     @field_validator("name")
     @classmethod
@@ -193,10 +217,10 @@ def _valid_rate(value: str) -> bool:
 class RateLimitRequest(RequestModel):
     """`rateLimit`, e.g. {"rateLimit": "100-S"}."""
 
-    rateLimit: str
+    rateLimit: str = Field(json_schema_extra=RATE_SCHEMA)
     exemptedNcaIds: list[str] | None = Field(default=None, max_length=32)
     perNcaIdRate: dict[str, str] | None = None
-    perUserRate: str | None = None
+    perUserRate: str | None = Field(default=None, json_schema_extra=RATE_SCHEMA)
     syncCheck: bool = False
 
     @field_validator("rateLimit", "perUserRate")
@@ -225,11 +249,11 @@ class RateLimitRequest(RequestModel):
 class CreateFunctionRequest(RequestModel):
     """Body of `POST /v2/nvcf/functions` and `POST /v2/nvcf/functions/{id}/versions`."""
 
-    name: str
-    inferenceUrl: str
+    name: str = Field(json_schema_extra=NAME_SCHEMA)
+    inferenceUrl: str = Field(json_schema_extra=URL_PATH_SCHEMA)
     inferencePort: int | None = Field(default=None, gt=0, le=65535)
     health: HealthRequest | None = None
-    healthUri: str | None = None
+    healthUri: str | None = Field(default=None, json_schema_extra=URL_PATH_SCHEMA)
     containerImage: str | None = None
     helmChart: str | None = None
     helmChartServiceName: str | None = None
@@ -242,7 +266,7 @@ class CreateFunctionRequest(RequestModel):
     apiBodyFormat: Literal["PREDICT_V2", "CUSTOM"] = "CUSTOM"
     functionType: Literal["DEFAULT", "STREAMING"] = "DEFAULT"
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
-    tags: list[str] | None = None
+    tags: list[str] | None = Field(default=None, json_schema_extra=TAGS_SCHEMA)
     secrets: list[SecretRequest] | None = None
     rateLimit: RateLimitRequest | None = None
     telemetries: TelemetriesRequest | None = None
@@ -335,7 +359,7 @@ class CreateFunctionRequest(RequestModel):
 class UpdateMetadataRequest(RequestModel):
     """Body of `PUT /v2/nvcf/metadata/functions/{id}/versions/{vid}`: the new tags, replacing the old."""
 
-    tags: list[str]
+    tags: list[str] = Field(json_schema_extra=TAGS_SCHEMA)
 
     @field_validator("tags")
     @classmethod
@@ -346,7 +370,7 @@ class UpdateMetadataRequest(RequestModel):
 class UpdateFunctionRequest(RequestModel):
     """Body of `PUT /v2/nvcf/functions/{id}/versions/{vid}`: any of tags and rateLimit, others kept."""
 
-    tags: list[str] | None = None
+    tags: list[str] | None = Field(default=None, json_schema_extra=TAGS_SCHEMA)
     rateLimit: RateLimitRequest | None = None
 
     @field_validator("tags")
@@ -469,9 +493,11 @@ class DeploymentRequest(RequestModel):
 class CreateKeyRequest(RequestModel):
     """Body of `POST /v2/gpufn/keys`."""
 
-    account: str | None = None
+    account: str | None = Field(default=None, json_schema_extra=NAME_SCHEMA)
     """The key's account; only the admin may name another account than its own."""
-    scopes: list[str] = Field(min_length=1)
+    scopes: list[str] = Field(
+        min_length=1, json_schema_extra=documented(items={"type": "string", "enum": sorted(ALL_SCOPES)})
+    )
     description: str = Field(default="", max_length=256)
 
     @field_validator("account")
@@ -484,9 +510,20 @@ class CreateKeyRequest(RequestModel):
 
 def describe_validation_error(error: ValidationError) -> str:
     """Turn a pydantic error into NVCF's "Validation failed: [...]" detail, one entry per problem."""
+    return describe_errors(error.errors(include_url=False))
+
+
+def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Return the "Validation failed: [...]" detail of pydantic's error items (FastAPI's too).
+
+    A request body's errors are named by their field alone (FastAPI's `body.` prefix dropped), as NVCF
+    names them.
+    """
     parts = []
-    for item in error.errors(include_url=False):
-        loc = item["loc"]
+    for item in errors:
+        loc = tuple(item["loc"])
+        if loc[:1] == ("body",):
+            loc = loc[1:]
         field = ".".join(str(p) for p in loc) or "body"
         message = item["msg"].removeprefix("Value error, ")
         rejected = item.get("input")

@@ -6,12 +6,27 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import ValidationError
 
-from api.deps import AppContext, Context, parse_body, require
+from api.deps import (
+    AppContext,
+    Context,
+    DeploymentId,
+    FunctionId,
+    GpuSpecificationId,
+    VersionId,
+    require,
+)
 from api.principal import Principal
 from api.problems import ProblemError
+from api.responses import (
+    ClusterGroupsResponse,
+    DeploymentListResponse,
+    DeploymentResponse,
+    FunctionResponse,
+    GpuSpecificationResponse,
+)
 from api.routes.functions import version_json
 from api.schemas import (
     FIXED_FIELDS,
@@ -101,12 +116,19 @@ def _apply_route(context: AppContext, state: VersionState) -> None:
     context.gateway.routes.apply(route_memo(state))
 
 
-@router.post("/deployments/functions/{function_id}/versions/{version_id}")
+@router.post(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=DeploymentResponse,
+    response_model_exclude_unset=True,
+)
 async def create_deployment(
-    function_id: str, version_id: str, request: Request, principal: Deployer, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: DeploymentRequest,
+    principal: Deployer,
+    context: Context,
 ) -> dict[str, Any]:
     """Deploy a version."""
-    body = await parse_body(request, DeploymentRequest)
     current = await context.registry.describe(principal.account, function_id, version_id)
     specs = _specifications(body, current.spec, context, [])
     state = await context.registry.update(
@@ -120,9 +142,13 @@ async def create_deployment(
     return deployment_json(state)
 
 
-@router.get("/deployments/functions/{function_id}/versions/{version_id}")
+@router.get(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=DeploymentResponse,
+    response_model_exclude_unset=True,
+)
 async def get_deployment(
-    function_id: str, version_id: str, principal: Deployer, context: Context
+    function_id: FunctionId, version_id: VersionId, principal: Deployer, context: Context
 ) -> dict[str, Any]:
     """Return a version's deployment, with healthInfo when instances fail."""
     state = await context.registry.describe(principal.account, function_id, version_id)
@@ -132,12 +158,19 @@ async def get_deployment(
     return deployment_json(state)
 
 
-@router.put("/deployments/functions/{function_id}/versions/{version_id}")
+@router.put(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=DeploymentResponse,
+    response_model_exclude_unset=True,
+)
 async def update_deployment(
-    function_id: str, version_id: str, request: Request, principal: Deployer, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: DeploymentRequest,
+    principal: Deployer,
+    context: Context,
 ) -> dict[str, Any]:
     """Change min/max instances, maxRequestConcurrency and autoscaling of a deployed version."""
-    body = await parse_body(request, DeploymentRequest)
     current = await context.registry.describe(principal.account, function_id, version_id)
     if current.deployment is None:
         raise ProblemError(
@@ -168,26 +201,37 @@ async def _deployed_by_id(context: AppContext, account: str, deployment_id: str)
     return state
 
 
-@router.get("/deployments/{deployment_id}")
-async def get_deployment_by_id(deployment_id: str, principal: Deployer, context: Context) -> dict[str, Any]:
+@router.get(
+    "/deployments/{deploymentId}", response_model=DeploymentResponse, response_model_exclude_unset=True
+)
+async def get_deployment_by_id(
+    deployment_id: DeploymentId, principal: Deployer, context: Context
+) -> dict[str, Any]:
     """Return a deployment by its ID (NVCF's OSS form of the deployment lookup)."""
     state = await _deployed_by_id(context, principal.account, deployment_id)
     _apply_route(context, state)
     return deployment_json(state)
 
 
-@router.get("/deployments")
+@router.get("/deployments", response_model=DeploymentListResponse, response_model_exclude_unset=True)
 async def list_deployments(principal: Deployer, context: Context) -> dict[str, Any]:
     """List the account's deployments (NVCF's fields of each, as `GET /deployments/{id}` shows them)."""
     return {"deployments": await context.registry.list_deployments(principal.account)}
 
 
-@router.patch("/deployments/{deployment_id}/gpu-specifications/{gpu_specification_id}")
+@router.patch(
+    "/deployments/{deploymentId}/gpu-specifications/{gpuSpecificationId}",
+    response_model=GpuSpecificationResponse,
+    response_model_exclude_unset=True,
+)
 async def update_gpu_specification(
-    deployment_id: str, gpu_specification_id: str, request: Request, principal: Deployer, context: Context
+    deployment_id: DeploymentId,
+    gpu_specification_id: GpuSpecificationId,
+    body: GpuSpecificationPatchRequest,
+    principal: Deployer,
+    context: Context,
 ) -> dict[str, Any]:
     """Change one GPU specification of a deployment: only the fields the body gives; answer the spec."""
-    body = await parse_body(request, GpuSpecificationPatchRequest)
     current = await _deployed_by_id(context, principal.account, deployment_id)
     assert current.deployment is not None
     existing = current.deployment.specifications
@@ -248,9 +292,17 @@ def _patched(
         raise ProblemError(400, describe_validation_error(err)) from err
 
 
-@router.delete("/deployments/functions/{function_id}/versions/{version_id}")
+@router.delete(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=FunctionResponse,
+    response_model_exclude_unset=True,
+)
 async def delete_deployment(
-    function_id: str, version_id: str, principal: Deployer, context: Context, graceful: bool = False
+    function_id: FunctionId,
+    version_id: VersionId,
+    principal: Deployer,
+    context: Context,
+    graceful: bool = False,
 ) -> dict[str, Any]:
     """Undeploy a version: at once, or (graceful=true) after its queued and in-flight requests finish."""
     state = await context.registry.update(
@@ -264,7 +316,7 @@ async def delete_deployment(
     return {"function": version_json(state)}
 
 
-@router.get("/clusterGroups")
+@router.get("/clusterGroups", response_model=ClusterGroupsResponse, response_model_exclude_unset=True)
 async def list_cluster_groups(principal: ClusterLister, context: Context) -> dict[str, Any]:
     """List the cluster groups with their GPUs and instance types."""
     body: dict[str, Any] = context.cluster_groups.as_json()

@@ -7,30 +7,33 @@ the Temporal client, the key cache, the registry, the gateway and its route poll
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from temporalio.client import Client, RPCTimeoutOrCancelledError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 
 from api.auth import KeyCache
-from api.deps import AppContext
+from api.deps import MAX_MANAGEMENT_BODY, AppContext, plain_path_ids
 from api.gateway import Gateway, GatewaySettings
+from api.openapi import install_openapi
 from api.problems import PROBLEM_CONTENT_TYPE, ProblemError, problem_body
 from api.registry import FunctionRegistry
 from api.route_lookup import TemporalRouteSource
 from api.route_sync import RouteSync
 from api.routes import deployments, functions, keys, system
+from api.schemas import describe_errors
 from gpufn.cluster_groups import ClusterGroups
 from gpufn.inventory import discover_gpus, local_cluster_group
 from gpufn.sealing import SecretBox
@@ -62,14 +65,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"[field={'.'.join(str(p) for p in e['loc'])}, message={e['msg']}]" for e in exc.errors()]
-        return problem_response(400, "Validation failed: " + ", ".join(parts), request.url.path)
+        return problem_response(400, _validation_detail(exc.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 400 and detail == FASTAPI_BODY_PARSE_ERROR:
+            # FastAPI's answer to a body json.loads refuses other than by JSONDecodeError: invalid
+            # UTF-8, nesting deeper than the parser's recursion limit, an integer over Python's digit limit.
+            detail = "Malformed JSON body: not valid UTF-8 JSON within the parser's limits"
         return problem_response(exc.status_code, detail, request.url.path)
 
     @app.exception_handler(RPCError)
@@ -97,6 +103,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("Unexpected error on %s %s", request.method, request.url.path)
         return problem_response(500, "Internal error; the server log has the details", request.url.path)
+
+
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def _validation_detail(errors: Sequence[Any]) -> str:
+    """Return the detail of a 400 for FastAPI's validation errors, with the API's own wording."""
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            return f"Malformed JSON body: {reason} (at character {loc[-1] if len(loc) > 1 else 0})"
+        if loc == ("body",) and error.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            return "The request body must be a JSON object"
+    return describe_errors(errors)
 
 
 def build_cluster_groups(settings: Settings) -> ClusterGroups:
@@ -157,7 +178,8 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     _install_error_handlers(app)
-    nvcf = APIRouter()
+    install_openapi(app)
+    nvcf = APIRouter(dependencies=[Depends(plain_path_ids)])
     nvcf.include_router(functions.router)
     nvcf.include_router(deployments.router)
     for prefix in NVCF_PREFIXES:
@@ -206,7 +228,54 @@ class GpufnApp:
             gateway = context.gateway if context is not None else None
             if gateway is not None and await gateway.handle(scope, receive, send):
                 return
+            bounded = await _bounded_body(scope, receive, send)
+            if bounded is None:
+                return
+            receive = bounded
         await self.fastapi(scope, receive, send)
+
+
+async def _bounded_body(scope: Scope, receive: Receive, send: Send) -> Receive | None:
+    """Read a management request's body up to MAX_MANAGEMENT_BODY; answer 413 beyond (None), else replay it.
+
+    FastAPI reads a body whole before validating it, so the bound must hold before FastAPI sees it.
+    """
+    limit = MAX_MANAGEMENT_BODY
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            await _send_problem(send, 413, f"Request body larger than {limit} bytes", scope.get("path"))
+            return None
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return _disconnected  # the client left
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            await _send_problem(send, 413, f"Request body larger than {limit} bytes", scope.get("path"))
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replayed() -> Message:
+        return replay.pop() if replay else await receive()
+
+    return replayed
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _send_problem(send: Send, status: int, detail: str, instance: str | None) -> None:
+    body = json.dumps(problem_body(status, detail, instance)).encode()
+    headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings | None = None, client: Client | None = None) -> GpufnApp:

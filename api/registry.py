@@ -138,6 +138,37 @@ class FunctionRegistry:
                 return str(route["functionId"]), str(route["versionId"])
         return None
 
+    async def list_deployments(self, account: str) -> list[dict[str, Any]]:
+        """Return NVCF's deployment objects of the account's deployed versions, oldest version first.
+
+        One visibility call: the route memo carries each version's deployment fields.
+        """
+        query = (
+            f"GpufnAccount = {_quote(account)} AND ExecutionStatus = 'Running' AND GpufnStatus != 'DELETED'"
+        )
+        found: list[tuple[int, dict[str, Any]]] = []
+        async for info in executions(self._client, query):
+            data = memo_json(info, "route")
+            if data is None:
+                continue
+            route = json.loads(data)
+            if not route.get("deploymentId") or route.get("accountId") != account:
+                continue
+            body: dict[str, Any] = {
+                "functionId": route["functionId"],
+                "functionVersionId": route["versionId"],
+                "deploymentId": route["deploymentId"],
+                "functionName": route.get("functionName", ""),
+                "ncaId": route["accountId"],
+                "functionStatus": route.get("status", FunctionStatus.INACTIVE.value),
+            }
+            # A version that has not republished its memo since the `deployment` entry was added
+            # lists what its route entry holds.
+            body.update(route.get("deployment") or {})
+            found.append((info.start_time.ToNanoseconds(), body))
+        found.sort(key=lambda item: item[0])
+        return [body for _, body in found]
+
     async def function_versions(self, account: str, function_id: str) -> list[dict[str, Any]]:
         """Return a function's versions, waiting briefly for a just-created one to reach visibility."""
         loop = asyncio.get_running_loop()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gpufn.autoscaling import AutoscalerSettings, AutoscalingConfiguration
+from api.principal import ALL_SCOPES
+from gpufn.autoscaling import AutoscalerSettings, AutoscalingConfiguration, ScaleDownDetails, ScaleUpDetails
 from gpufn.durations import parse_iso_duration
 from workflows.models import ArtifactRef, EnvironmentEntry
 
@@ -25,7 +28,37 @@ MAX_TAGS = 64
 MAX_TAG_LENGTH = 128
 MAX_DESCRIPTION = 256
 MAX_SECRET_VALUE = 32768
-MAX_REQUEST_CONCURRENCY = 16384
+MAX_ACCOUNT_LENGTH = 128
+MAX_REQUEST_CONCURRENCY = 1024
+"""NVCF's managed limit of concurrent requests per instance (its OSS build allows 16384)."""
+MAX_INSTANCES = 1000
+"""Upper bound of minInstances and maxInstances of one GPU specification."""
+MAX_DEPLOYMENT_SPECIFICATIONS = 32
+MAX_HEALTH_TIMEOUT_SECONDS = 3600.0
+MAX_SCALE_UP_FACTOR = 100.0
+MAX_SCALE_RATE = 1000.0
+MAX_IDLE_SECONDS = 7 * 86400.0
+MAX_DRAIN_SECONDS = 86400.0
+MAX_ENVIRONMENT_ENTRIES = 256
+ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+def documented(**schema: Any) -> Any:
+    """Return `json_schema_extra` that documents a limit a validator enforces (with NVCF's wording).
+
+    The validator and the schema read the same constants, so the documented limit is the enforced one.
+    """
+    return schema
+
+
+NAME_SCHEMA = documented(minLength=1, maxLength=128, pattern=NAME_PATTERN.pattern)
+URL_PATH_SCHEMA = documented(pattern=r"^/\S*$")
+DURATION_SCHEMA = documented(pattern=r"^P(\d+(\.\d+)?D)?(T(\d+(\.\d+)?H)?(\d+(\.\d+)?M)?(\d+(\.\d+)?S)?)?$")
+RATE_SCHEMA = documented(pattern=RATE_LIMIT_PATTERN.pattern)
+TAGS_SCHEMA = documented(
+    maxItems=MAX_TAGS,
+    items={"type": "string", "minLength": 1, "maxLength": MAX_TAG_LENGTH, "pattern": TAG_PATTERN.pattern},
+)
 
 
 def validate_tags(tags: list[str]) -> list[str]:
@@ -44,13 +77,26 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
 
+def _no_control_characters(value: str) -> str:
+    """Refuse NUL and other control characters, which no path, command line or name may hold."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 class HealthRequest(RequestModel):
-    """`health`: all five fields are required when the object is given."""
+    """`health`: all five fields are required when the object is given; no other field is allowed.
+
+    Unlike the top level, an unknown field here is refused: a misspelt health field would otherwise
+    silently leave the check at a default that the function may never answer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     protocol: Literal["HTTP", "gRPC", "GRPC"]
-    uri: str
+    uri: str = Field(json_schema_extra=URL_PATH_SCHEMA)
     port: int = Field(gt=0, le=65535)
-    timeout: str
+    timeout: str = Field(json_schema_extra=DURATION_SCHEMA)
     expectedStatusCode: int = Field(ge=100, le=599)
 
     @field_validator("uri")
@@ -58,14 +104,37 @@ class HealthRequest(RequestModel):
     def _uri_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
-        return value
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("must be a URL path such as /health")
+        return _no_control_characters(value)
 
     @field_validator("timeout")
     @classmethod
     def _iso_duration(cls, value: str) -> str:
         seconds = parse_iso_duration(value)
-        if seconds <= 0:
-            raise ValueError("must be a positive ISO-8601 duration such as PT10S")
+        if not 0 < seconds <= MAX_HEALTH_TIMEOUT_SECONDS:
+            raise ValueError("must be a positive ISO-8601 duration of at most PT1H, such as PT10S")
+        return value
+
+
+class EnvironmentEntryRequest(RequestModel):
+    """A `containerEnvironment` entry: a variable name a process environment can hold, and its value."""
+
+    key: str = Field(min_length=1, max_length=256)
+    value: str = Field(max_length=MAX_SECRET_VALUE)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not ENV_KEY_PATTERN.match(value):
+            raise ValueError("must be an environment variable name matching ^[A-Za-z_][A-Za-z0-9_.\\-]*$")
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
         return value
 
 
@@ -80,8 +149,12 @@ class ArtifactRequest(RequestModel):
 class SecretRequest(RequestModel):
     """A secret: only its name is ever returned, and its value is never echoed, not even in an error."""
 
-    name: str
-    value: str | dict[str, Any]
+    name: str = Field(
+        json_schema_extra=documented(minLength=1, maxLength=48, pattern=SECRET_NAME_PATTERN.pattern)
+    )
+    value: str | dict[str, Any] = Field(
+        description=f"A string or a JSON object, 1-{MAX_SECRET_VALUE} characters (serialized); never returned"
+    )
 
     @field_validator("name")
     @classmethod
@@ -144,10 +217,10 @@ def _valid_rate(value: str) -> bool:
 class RateLimitRequest(RequestModel):
     """`rateLimit`, e.g. {"rateLimit": "100-S"}."""
 
-    rateLimit: str
+    rateLimit: str = Field(json_schema_extra=RATE_SCHEMA)
     exemptedNcaIds: list[str] | None = Field(default=None, max_length=32)
     perNcaIdRate: dict[str, str] | None = None
-    perUserRate: str | None = None
+    perUserRate: str | None = Field(default=None, json_schema_extra=RATE_SCHEMA)
     syncCheck: bool = False
 
     @field_validator("rateLimit", "perUserRate")
@@ -176,22 +249,24 @@ class RateLimitRequest(RequestModel):
 class CreateFunctionRequest(RequestModel):
     """Body of `POST /v2/nvcf/functions` and `POST /v2/nvcf/functions/{id}/versions`."""
 
-    name: str
-    inferenceUrl: str
+    name: str = Field(json_schema_extra=NAME_SCHEMA)
+    inferenceUrl: str = Field(json_schema_extra=URL_PATH_SCHEMA)
     inferencePort: int | None = Field(default=None, gt=0, le=65535)
     health: HealthRequest | None = None
-    healthUri: str | None = None
+    healthUri: str | None = Field(default=None, json_schema_extra=URL_PATH_SCHEMA)
     containerImage: str | None = None
     helmChart: str | None = None
     helmChartServiceName: str | None = None
     models: list[ArtifactRequest] | None = None
     resources: list[ArtifactRequest] | None = None
-    containerArgs: str | None = None
-    containerEnvironment: list[EnvironmentEntry] | None = None
+    containerArgs: str | None = Field(default=None, max_length=MAX_SECRET_VALUE)
+    containerEnvironment: list[EnvironmentEntryRequest] | None = Field(
+        default=None, max_length=MAX_ENVIRONMENT_ENTRIES
+    )
     apiBodyFormat: Literal["PREDICT_V2", "CUSTOM"] = "CUSTOM"
     functionType: Literal["DEFAULT", "STREAMING"] = "DEFAULT"
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
-    tags: list[str] | None = None
+    tags: list[str] | None = Field(default=None, json_schema_extra=TAGS_SCHEMA)
     secrets: list[SecretRequest] | None = None
     rateLimit: RateLimitRequest | None = None
     telemetries: TelemetriesRequest | None = None
@@ -205,11 +280,34 @@ class CreateFunctionRequest(RequestModel):
             raise ValueError("must match ^[a-z0-9A-Z][a-z0-9A-Z\\-_]*$")
         return value
 
-    @field_validator("inferenceUrl")
+    @field_validator("inferenceUrl", "healthUri")
     @classmethod
-    def _inference_url(cls, value: str) -> str:
+    def _url_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.strip() or not value.startswith("/") or any(c.isspace() for c in value):
             raise ValueError("must be a URL path such as /echo")
+        return _no_control_characters(value)
+
+    @field_validator("containerImage", "helmChart", "helmChartServiceName")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ValueError("must not be blank or contain whitespace")
+        return value if value is None else _no_control_characters(value)
+
+    @field_validator("containerArgs")
+    @classmethod
+    def _command_line(cls, value: str | None) -> str | None:
+        """Refuse a command line that cannot be split into arguments, as the backends split it."""
+        if value is None:
+            return None
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        try:
+            shlex.split(value)
+        except ValueError as err:
+            raise ValueError(f"cannot be split as a command line ({err})") from err
         return value
 
     @field_validator("tags")
@@ -245,6 +343,12 @@ class CreateFunctionRequest(RequestModel):
                 raise ValueError("Invalid request: duplicate secret names")
         return self
 
+    def environment(self) -> list[EnvironmentEntry] | None:
+        """Return `containerEnvironment` in its stored form."""
+        if self.containerEnvironment is None:
+            return None
+        return [EnvironmentEntry(key=e.key, value=e.value) for e in self.containerEnvironment]
+
     def artifacts(self, items: list[ArtifactRequest] | None) -> list[ArtifactRef] | None:
         """Convert model/resource entries to their stored form."""
         if items is None:
@@ -255,7 +359,7 @@ class CreateFunctionRequest(RequestModel):
 class UpdateMetadataRequest(RequestModel):
     """Body of `PUT /v2/nvcf/metadata/functions/{id}/versions/{vid}`: the new tags, replacing the old."""
 
-    tags: list[str]
+    tags: list[str] = Field(json_schema_extra=TAGS_SCHEMA)
 
     @field_validator("tags")
     @classmethod
@@ -266,7 +370,7 @@ class UpdateMetadataRequest(RequestModel):
 class UpdateFunctionRequest(RequestModel):
     """Body of `PUT /v2/nvcf/functions/{id}/versions/{vid}`: any of tags and rateLimit, others kept."""
 
-    tags: list[str] | None = None
+    tags: list[str] | None = Field(default=None, json_schema_extra=TAGS_SCHEMA)
     rateLimit: RateLimitRequest | None = None
 
     @field_validator("tags")
@@ -281,13 +385,39 @@ class UpdateFunctionRequest(RequestModel):
         return self
 
 
+class ScaleUpDetailsRequest(ScaleUpDetails):
+    """`scaleUpDetails` as a request may give it: the stored rules, with an upper bound on `factor`."""
+
+    factor: float = Field(gt=1.0, le=MAX_SCALE_UP_FACTOR)
+
+
+class ScaleDownDetailsRequest(ScaleDownDetails):
+    """`scaleDownDetails` as a request may give it (every number is already bounded)."""
+
+
+class AutoscalingConfigurationRequest(AutoscalingConfiguration):
+    """NVCF's `autoscalingConfiguration` as a request may give it, every number bounded."""
+
+    scaleUpDetails: ScaleUpDetailsRequest | None = None
+    scaleDownDetails: ScaleDownDetailsRequest | None = None
+
+
+class AutoscalerSettingsRequest(AutoscalerSettings):
+    """gpufn's `gpufnAutoscaler` as a request may give it: the stored rules, with upper bounds added."""
+
+    maxScaleUpRate: float = Field(1000.0, gt=1.0, le=MAX_SCALE_RATE)
+    maxScaleDownRate: float = Field(2.0, gt=1.0, le=MAX_SCALE_RATE)
+    scaleToZeroIdleSeconds: float = Field(300.0, ge=0.0, le=MAX_IDLE_SECONDS)
+    drainTimeoutSeconds: float = Field(60.0, ge=0.0, le=MAX_DRAIN_SECONDS)
+
+
 class DeploymentSpecificationRequest(RequestModel):
     """One GPU specification of a deployment request."""
 
     gpu: str = Field(min_length=1)
     instanceType: str = Field(min_length=1)
-    minInstances: int = Field(ge=0)
-    maxInstances: int = Field(ge=1)
+    minInstances: int = Field(ge=0, le=MAX_INSTANCES)
+    maxInstances: int = Field(ge=1, le=MAX_INSTANCES)
     maxRequestConcurrency: int = Field(default=1, ge=1, le=MAX_REQUEST_CONCURRENCY)
     backend: str | None = None
     clusters: list[str] | None = None
@@ -296,8 +426,8 @@ class DeploymentSpecificationRequest(RequestModel):
     attributes: list[str] | None = None
     configuration: dict[str, Any] | None = None
     preferredOrder: int | None = Field(default=None, ge=1, le=99)
-    autoscalingConfiguration: AutoscalingConfiguration | None = None
-    gpufnAutoscaler: AutoscalerSettings | None = None
+    autoscalingConfiguration: AutoscalingConfigurationRequest | None = None
+    gpufnAutoscaler: AutoscalerSettingsRequest | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> DeploymentSpecificationRequest:
@@ -308,33 +438,92 @@ class DeploymentSpecificationRequest(RequestModel):
         return self
 
 
+class GpuSpecificationPatchRequest(RequestModel):
+    """Body of `PATCH /v2/nvcf/deployments/{id}/gpu-specifications/{specId}`: only the fields to change.
+
+    `gpu`, `instanceType`, `backend` and `clusters` may be repeated (clients send the whole
+    specification back) but not changed.
+    """
+
+    minInstances: int | None = Field(default=None, ge=0, le=MAX_INSTANCES)
+    maxInstances: int | None = Field(default=None, ge=1, le=MAX_INSTANCES)
+    maxRequestConcurrency: int | None = Field(default=None, ge=1, le=MAX_REQUEST_CONCURRENCY)
+    autoscalingConfiguration: AutoscalingConfigurationRequest | None = None
+    autoscalingConfigurationPolicy: Literal["CUSTOM_CONFIGURATION", "PLATFORM_CONFIGURATION"] | None = None
+    gpufnAutoscaler: AutoscalerSettingsRequest | None = None
+    gpu: str | None = None
+    instanceType: str | None = None
+    backend: str | None = None
+    clusters: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> GpuSpecificationPatchRequest:
+        changes = self.model_dump(exclude_none=True, include=set(PATCHABLE_FIELDS))
+        if not changes:
+            raise ValueError(
+                "Invalid request: give at least one of minInstances, maxInstances, maxRequestConcurrency, "
+                "autoscalingConfiguration, autoscalingConfigurationPolicy, gpufnAutoscaler"
+            )
+        if self.autoscalingConfigurationPolicy == "PLATFORM_CONFIGURATION" and self.autoscalingConfiguration:
+            raise ValueError(
+                "Invalid request: autoscalingConfiguration cannot be combined with PLATFORM_CONFIGURATION"
+            )
+        return self
+
+
+PATCHABLE_FIELDS = (
+    "minInstances",
+    "maxInstances",
+    "maxRequestConcurrency",
+    "autoscalingConfiguration",
+    "autoscalingConfigurationPolicy",
+    "gpufnAutoscaler",
+)
+FIXED_FIELDS = ("gpu", "instanceType", "backend", "clusters")
+
+
 class DeploymentRequest(RequestModel):
     """Body of `POST|PUT /v2/nvcf/deployments/functions/{id}/versions/{vid}`."""
 
-    deploymentSpecifications: list[DeploymentSpecificationRequest] = Field(min_length=1)
+    deploymentSpecifications: list[DeploymentSpecificationRequest] = Field(
+        min_length=1, max_length=MAX_DEPLOYMENT_SPECIFICATIONS
+    )
 
 
 class CreateKeyRequest(RequestModel):
     """Body of `POST /v2/gpufn/keys`."""
 
-    account: str | None = None
+    account: str | None = Field(default=None, json_schema_extra=NAME_SCHEMA)
     """The key's account; only the admin may name another account than its own."""
-    scopes: list[str] = Field(min_length=1)
+    scopes: list[str] = Field(
+        min_length=1, json_schema_extra=documented(items={"type": "string", "enum": sorted(ALL_SCOPES)})
+    )
     description: str = Field(default="", max_length=256)
 
     @field_validator("account")
     @classmethod
     def _account(cls, value: str | None) -> str | None:
-        if value is not None and (not 1 <= len(value) <= 128 or not NAME_PATTERN.match(value)):
+        if value is not None and (not 1 <= len(value) <= MAX_ACCOUNT_LENGTH or not NAME_PATTERN.match(value)):
             raise ValueError("must be 1-128 characters matching ^[a-z0-9A-Z][a-z0-9A-Z\\-_]*$")
         return value
 
 
 def describe_validation_error(error: ValidationError) -> str:
     """Turn a pydantic error into NVCF's "Validation failed: [...]" detail, one entry per problem."""
+    return describe_errors(error.errors(include_url=False))
+
+
+def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Return the "Validation failed: [...]" detail of pydantic's error items (FastAPI's too).
+
+    A request body's errors are named by their field alone (FastAPI's `body.` prefix dropped), as NVCF
+    names them.
+    """
     parts = []
-    for item in error.errors(include_url=False):
-        loc = item["loc"]
+    for item in errors:
+        loc = tuple(item["loc"])
+        if loc[:1] == ("body",):
+            loc = loc[1:]
         field = ".".join(str(p) for p in loc) or "body"
         message = item["msg"].removeprefix("Value error, ")
         rejected = item.get("input")

@@ -90,4 +90,25 @@ def route_memo(state: VersionState) -> dict[str, Any]:
         "routesVersion": state.routesVersion,
         "rateLimit": spec.rateLimit or None,
         "deploymentId": deployment.deploymentId if deployment is not None else None,
+        # What `GET /v2/nvcf/deployments` lists besides the fields above, so the list is one
+        # visibility call rather than a query per version.
+        "deployment": _deployment_listing(state),
     }
+
+
+def _deployment_listing(state: VersionState) -> dict[str, Any] | None:
+    """Return the NVCF deployment fields that the route entry does not already carry."""
+    deployment = state.deployment
+    if deployment is None:
+        return None
+    listing: dict[str, Any] = {
+        "deploymentSpecifications": [
+            s.model_dump(mode="json", exclude_none=True, exclude={"clusterGroup"})
+            for s in deployment.specifications
+        ],
+        "createdAt": deployment.createdAt.isoformat().replace("+00:00", "Z"),
+        "lastUpdatedAt": deployment.lastUpdatedAt.isoformat().replace("+00:00", "Z"),
+    }
+    if state.healthInfo:
+        listing["healthInfo"] = [h.model_dump(exclude_none=True) for h in state.healthInfo]
+    return listing

@@ -6,13 +6,35 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
+from pydantic import ValidationError
 
-from api.deps import AppContext, Context, parse_body, require
+from api.deps import (
+    AppContext,
+    Context,
+    DeploymentId,
+    FunctionId,
+    GpuSpecificationId,
+    VersionId,
+    require,
+)
 from api.principal import Principal
 from api.problems import ProblemError
+from api.responses import (
+    ClusterGroupsResponse,
+    DeploymentListResponse,
+    DeploymentResponse,
+    FunctionResponse,
+    GpuSpecificationResponse,
+)
 from api.routes.functions import version_json
-from api.schemas import DeploymentRequest, DeploymentSpecificationRequest
+from api.schemas import (
+    FIXED_FIELDS,
+    DeploymentRequest,
+    DeploymentSpecificationRequest,
+    GpuSpecificationPatchRequest,
+    describe_validation_error,
+)
 from gpufn.cluster_groups import InvalidPlacementError
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -94,12 +116,19 @@ async def _publish_route(context: AppContext, state: VersionState) -> None:
     await context.gateway.publish_route(route_memo(state))
 
 
-@router.post("/deployments/functions/{function_id}/versions/{version_id}")
+@router.post(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=DeploymentResponse,
+    response_model_exclude_unset=True,
+)
 async def create_deployment(
-    function_id: str, version_id: str, request: Request, principal: Deployer, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: DeploymentRequest,
+    principal: Deployer,
+    context: Context,
 ) -> dict[str, Any]:
     """Deploy a version."""
-    body = await parse_body(request, DeploymentRequest)
     current = await context.registry.describe(principal.account, function_id, version_id)
     specs = _specifications(body, current.spec, context, [])
     state = await context.registry.update(
@@ -113,21 +142,32 @@ async def create_deployment(
     return deployment_json(state)
 
 
-@router.get("/deployments/functions/{function_id}/versions/{version_id}")
+@router.get(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=DeploymentResponse,
+    response_model_exclude_unset=True,
+)
 async def get_deployment(
-    function_id: str, version_id: str, principal: Deployer, context: Context
+    function_id: FunctionId, version_id: VersionId, principal: Deployer, context: Context
 ) -> dict[str, Any]:
     """Return a version's deployment, with healthInfo when instances fail."""
     state = await context.registry.describe(principal.account, function_id, version_id)
     return deployment_json(state)
 
 
-@router.put("/deployments/functions/{function_id}/versions/{version_id}")
+@router.put(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=DeploymentResponse,
+    response_model_exclude_unset=True,
+)
 async def update_deployment(
-    function_id: str, version_id: str, request: Request, principal: Deployer, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: DeploymentRequest,
+    principal: Deployer,
+    context: Context,
 ) -> dict[str, Any]:
     """Change min/max instances, maxRequestConcurrency and autoscaling of a deployed version."""
-    body = await parse_body(request, DeploymentRequest)
     current = await context.registry.describe(principal.account, function_id, version_id)
     if current.deployment is None:
         raise ProblemError(
@@ -158,19 +198,36 @@ async def _deployed_by_id(context: AppContext, account: str, deployment_id: str)
     return state
 
 
-@router.get("/deployments/{deployment_id}")
-async def get_deployment_by_id(deployment_id: str, principal: Deployer, context: Context) -> dict[str, Any]:
+@router.get(
+    "/deployments/{deploymentId}", response_model=DeploymentResponse, response_model_exclude_unset=True
+)
+async def get_deployment_by_id(
+    deployment_id: DeploymentId, principal: Deployer, context: Context
+) -> dict[str, Any]:
     """Return a deployment by its ID (NVCF's OSS form of the deployment lookup)."""
     state = await _deployed_by_id(context, principal.account, deployment_id)
     return deployment_json(state)
 
 
-@router.patch("/deployments/{deployment_id}/gpu-specifications/{gpu_specification_id}")
+@router.get("/deployments", response_model=DeploymentListResponse, response_model_exclude_unset=True)
+async def list_deployments(principal: Deployer, context: Context) -> dict[str, Any]:
+    """List the account's deployments (NVCF's fields of each, as `GET /deployments/{id}` shows them)."""
+    return {"deployments": await context.registry.list_deployments(principal.account)}
+
+
+@router.patch(
+    "/deployments/{deploymentId}/gpu-specifications/{gpuSpecificationId}",
+    response_model=GpuSpecificationResponse,
+    response_model_exclude_unset=True,
+)
 async def update_gpu_specification(
-    deployment_id: str, gpu_specification_id: str, request: Request, principal: Deployer, context: Context
+    deployment_id: DeploymentId,
+    gpu_specification_id: GpuSpecificationId,
+    body: GpuSpecificationPatchRequest,
+    principal: Deployer,
+    context: Context,
 ) -> dict[str, Any]:
-    """Change one GPU specification of a deployment (min/max instances, concurrency, autoscaling)."""
-    body = await parse_body(request, DeploymentSpecificationRequest)
+    """Change one GPU specification of a deployment: only the fields the body gives; answer the spec."""
     current = await _deployed_by_id(context, principal.account, deployment_id)
     assert current.deployment is not None
     existing = current.deployment.specifications
@@ -181,12 +238,7 @@ async def update_gpu_specification(
         )
     requested = DeploymentRequest(
         deploymentSpecifications=[
-            body
-            if i == index
-            else DeploymentSpecificationRequest.model_validate(
-                s.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
-            )
-            for i, s in enumerate(existing)
+            _patched(body, spec) if i == index else _as_request(spec) for i, spec in enumerate(existing)
         ]
     )
     specs = _specifications(requested, current.spec, context, existing)
@@ -198,12 +250,55 @@ async def update_gpu_specification(
         UpdateDeploymentRequest(specifications=specs, requestedAt=datetime.now(UTC)),
     )
     await _publish_route(context, state)
-    return deployment_json(state)
+    assert state.deployment is not None
+    spec = next(s for s in state.deployment.specifications if s.gpuSpecificationId == gpu_specification_id)
+    return {"gpuSpecification": spec.model_dump(mode="json", exclude_none=True, exclude={"clusterGroup"})}
 
 
-@router.delete("/deployments/functions/{function_id}/versions/{version_id}")
+def _as_request(spec: DeploymentSpecification) -> DeploymentSpecificationRequest:
+    """Return a stored specification as the request that would make it."""
+    return DeploymentSpecificationRequest.model_validate(
+        spec.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
+    )
+
+
+def _patched(
+    body: GpuSpecificationPatchRequest, spec: DeploymentSpecification
+) -> DeploymentSpecificationRequest:
+    """Merge a partial PATCH body into a stored specification; 400 when the result breaks a rule."""
+    for name in FIXED_FIELDS:
+        given, stored = getattr(body, name), getattr(spec, name)
+        if given is not None and given != stored:
+            raise ProblemError(400, f"Invalid request: {name} of a GPU specification cannot be changed")
+    merged = spec.model_dump(exclude={"clusterGroup", "gpuSpecificationId"}, exclude_none=True)
+    merged.update(
+        body.model_dump(exclude_none=True, include={"minInstances", "maxInstances", "maxRequestConcurrency"})
+    )
+    if body.autoscalingConfiguration is not None:
+        merged["autoscalingConfiguration"] = body.autoscalingConfiguration.model_dump(exclude_none=True)
+    if body.autoscalingConfigurationPolicy == "PLATFORM_CONFIGURATION":
+        # An empty configuration, not an absent one: the workflow keeps a stored configuration that an
+        # update leaves out, and an empty one means the platform's policy.
+        merged["autoscalingConfiguration"] = {}
+    if body.gpufnAutoscaler is not None:
+        merged["gpufnAutoscaler"] = body.gpufnAutoscaler.model_dump()
+    try:
+        return DeploymentSpecificationRequest.model_validate(merged)
+    except ValidationError as err:
+        raise ProblemError(400, describe_validation_error(err)) from err
+
+
+@router.delete(
+    "/deployments/functions/{functionId}/versions/{versionId}",
+    response_model=FunctionResponse,
+    response_model_exclude_unset=True,
+)
 async def delete_deployment(
-    function_id: str, version_id: str, principal: Deployer, context: Context, graceful: bool = False
+    function_id: FunctionId,
+    version_id: VersionId,
+    principal: Deployer,
+    context: Context,
+    graceful: bool = False,
 ) -> dict[str, Any]:
     """Undeploy a version: at once, or (graceful=true) after its queued and in-flight requests finish."""
     state = await context.registry.update(
@@ -217,7 +312,7 @@ async def delete_deployment(
     return {"function": version_json(state)}
 
 
-@router.get("/clusterGroups")
+@router.get("/clusterGroups", response_model=ClusterGroupsResponse, response_model_exclude_unset=True)
 async def list_cluster_groups(principal: ClusterLister, context: Context) -> dict[str, Any]:
     """List the cluster groups with their GPUs and instance types."""
     body: dict[str, Any] = context.cluster_groups.as_json()

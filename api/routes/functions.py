@@ -6,12 +6,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Response
 
-from api.deps import Context, parse_body, require
+from api.deps import Context, FunctionId, VersionId, require
 from api.principal import Principal
 from api.problems import ProblemError
 from api.registry import not_found
+from api.responses import FunctionIdsResponse, FunctionListResponse, FunctionResponse
 from api.schemas import (
     CreateFunctionRequest,
     RateLimitRequest,
@@ -78,7 +79,7 @@ def build_version(
         healthUri=health.uri,
         containerImage=body.containerImage,
         containerArgs=body.containerArgs,
-        containerEnvironment=body.containerEnvironment,
+        containerEnvironment=body.environment(),
         helmChart=body.helmChart,
         helmChartServiceName=body.helmChartServiceName,
         models=body.artifacts(body.models),
@@ -133,22 +134,24 @@ def _only_private(visibility: list[str] | None) -> bool:
     return any(item.strip().lower() == "private" for value in visibility for item in value.split(","))
 
 
-@router.post("/functions")
-async def create_function(request: Request, principal: Registrar, context: Context) -> dict[str, Any]:
+@router.post("/functions", response_model=FunctionResponse, response_model_exclude_unset=True)
+async def create_function(
+    body: CreateFunctionRequest, principal: Registrar, context: Context
+) -> dict[str, Any]:
     """Create a function and its first version."""
-    body = await parse_body(request, CreateFunctionRequest)
     spec = build_version(body, principal.account, str(uuid.uuid4()), context.secret_box)
     state = VersionState(spec=spec)
     await context.registry.create(state)
     return {"function": version_json(state)}
 
 
-@router.post("/functions/{function_id}/versions")
+@router.post(
+    "/functions/{functionId}/versions", response_model=FunctionResponse, response_model_exclude_unset=True
+)
 async def create_version(
-    function_id: str, request: Request, principal: Registrar, context: Context
+    function_id: FunctionId, body: CreateFunctionRequest, principal: Registrar, context: Context
 ) -> dict[str, Any]:
     """Create a new version of an existing function."""
-    body = await parse_body(request, CreateFunctionRequest)
     existing = await context.registry.function_versions(principal.account, function_id)
     if not existing:
         raise not_found(function_id, None, principal.account)
@@ -160,7 +163,7 @@ async def create_version(
     return {"function": version_json(state)}
 
 
-@router.get("/functions")
+@router.get("/functions", response_model=None, responses={200: {"model": FunctionListResponse}})
 async def list_functions(principal: Lister, context: Context, visibility: Visibility = None) -> Response:
     """List every function version of the account."""
     if not _only_private(visibility):
@@ -169,7 +172,7 @@ async def list_functions(principal: Lister, context: Context, visibility: Visibi
     return Response(b'{"functions":' + body + b"}", media_type="application/json")
 
 
-@router.get("/functions/ids")
+@router.get("/functions/ids", response_model=FunctionIdsResponse, response_model_exclude_unset=True)
 async def list_function_ids(
     principal: Lister, context: Context, visibility: Visibility = None
 ) -> dict[str, Any]:
@@ -180,8 +183,12 @@ async def list_function_ids(
     return {"functionIds": list(dict.fromkeys(s["id"] for s in summaries))}
 
 
-@router.get("/functions/{function_id}/versions")
-async def list_versions(function_id: str, principal: Lister, context: Context) -> dict[str, Any]:
+@router.get(
+    "/functions/{functionId}/versions",
+    response_model=FunctionListResponse,
+    response_model_exclude_unset=True,
+)
+async def list_versions(function_id: FunctionId, principal: Lister, context: Context) -> dict[str, Any]:
     """List the versions of one function."""
     versions = await context.registry.function_versions(principal.account, function_id)
     if not versions:
@@ -189,21 +196,36 @@ async def list_versions(function_id: str, principal: Lister, context: Context) -
     return {"functions": versions}
 
 
-@router.get("/functions/{function_id}/versions/{version_id}")
+@router.get(
+    "/functions/{functionId}/versions/{versionId}",
+    response_model=FunctionResponse,
+    response_model_exclude_unset=True,
+)
 async def get_version(
-    function_id: str, version_id: str, principal: Lister, context: Context, includeSecrets: bool = True
+    function_id: FunctionId,
+    version_id: VersionId,
+    principal: Lister,
+    context: Context,
+    includeSecrets: bool = True,
 ) -> dict[str, Any]:
     """Return one version, with its active instances."""
     state = await context.registry.describe(principal.account, function_id, version_id)
     return {"function": version_json(state, include_secrets=includeSecrets)}
 
 
-@router.put("/metadata/functions/{function_id}/versions/{version_id}")
+@router.put(
+    "/metadata/functions/{functionId}/versions/{versionId}",
+    response_model=FunctionResponse,
+    response_model_exclude_unset=True,
+)
 async def update_metadata(
-    function_id: str, version_id: str, request: Request, principal: Updater, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: UpdateMetadataRequest,
+    principal: Updater,
+    context: Context,
 ) -> dict[str, Any]:
     """Replace a version's tags."""
-    body = await parse_body(request, UpdateMetadataRequest)
     state = await context.registry.update(
         principal.account,
         function_id,
@@ -214,12 +236,19 @@ async def update_metadata(
     return {"function": version_json(state)}
 
 
-@router.put("/functions/{function_id}/versions/{version_id}")
+@router.put(
+    "/functions/{functionId}/versions/{versionId}",
+    response_model=FunctionResponse,
+    response_model_exclude_unset=True,
+)
 async def update_version(
-    function_id: str, version_id: str, request: Request, principal: Updater, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: UpdateFunctionRequest,
+    principal: Updater,
+    context: Context,
 ) -> dict[str, Any]:
     """Replace a version's tags and/or rate limit (NVCF's newer metadata update); omitted fields are kept."""
-    body = await parse_body(request, UpdateFunctionRequest)
     state = await context.registry.update(
         principal.account,
         function_id,
@@ -232,16 +261,19 @@ async def update_version(
     return {"function": version_json(state)}
 
 
-@router.put("/secrets/functions/{function_id}/versions/{version_id}", status_code=204)
+@router.put("/secrets/functions/{functionId}/versions/{versionId}", status_code=204)
 async def update_secrets(
-    function_id: str, version_id: str, request: Request, principal: SecretsUpdater, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: UpdateSecretsRequest,
+    principal: SecretsUpdater,
+    context: Context,
 ) -> Response:
     """Merge secrets into a version's (a name given again gets the new value); values are sealed here.
 
     Instances started from now on get the new values (on Kubernetes, the version's Secret is updated
     when its pods are next scaled); running instances keep theirs.
     """
-    body = await parse_body(request, UpdateSecretsRequest)
     await context.registry.update(
         principal.account,
         function_id,
@@ -257,12 +289,19 @@ async def update_secrets(
     return Response(status_code=204)
 
 
-@router.put("/ratelimit/functions/{function_id}/versions/{version_id}")
+@router.put(
+    "/ratelimit/functions/{functionId}/versions/{versionId}",
+    response_model=FunctionResponse,
+    response_model_exclude_unset=True,
+)
 async def set_rate_limit(
-    function_id: str, version_id: str, request: Request, principal: Updater, context: Context
+    function_id: FunctionId,
+    version_id: VersionId,
+    body: RateLimitRequest,
+    principal: Updater,
+    context: Context,
 ) -> dict[str, Any]:
     """Set a version's invocation rate limit (the gateways enforce it within a second)."""
-    body = await parse_body(request, RateLimitRequest)
     state = await context.registry.update(
         principal.account,
         function_id,
@@ -273,9 +312,9 @@ async def set_rate_limit(
     return {"function": version_json(state)}
 
 
-@router.delete("/ratelimit/functions/{function_id}/versions/{version_id}", status_code=204)
+@router.delete("/ratelimit/functions/{functionId}/versions/{versionId}", status_code=204)
 async def clear_rate_limit(
-    function_id: str, version_id: str, principal: Updater, context: Context
+    function_id: FunctionId, version_id: VersionId, principal: Updater, context: Context
 ) -> Response:
     """Remove a version's invocation rate limit."""
     await context.registry.update(
@@ -288,8 +327,10 @@ async def clear_rate_limit(
     return Response(status_code=204)
 
 
-@router.delete("/functions/{function_id}/versions/{version_id}", status_code=204)
-async def delete_version(function_id: str, version_id: str, principal: Deleter, context: Context) -> Response:
+@router.delete("/functions/{functionId}/versions/{versionId}", status_code=204)
+async def delete_version(
+    function_id: FunctionId, version_id: VersionId, principal: Deleter, context: Context
+) -> Response:
     """Delete a version, force-undeploying it first."""
     state = await context.registry.update(
         principal.account, function_id, version_id, FunctionVersionWorkflow.delete, DeleteRequest()

@@ -9,12 +9,14 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
 from temporalio.client import WorkflowUpdateFailedError
 
 from api.auth import bearer
-from api.deps import Context, parse_body, require
+from api.deps import Context, KeyId, require
 from api.principal import ALL_SCOPES, Principal
 from api.problems import ProblemError
+from api.responses import ApiKeyListResponse, CallerInfo, CreatedApiKey
 from api.schemas import CreateKeyRequest
 from workflows.key_registry import ApiKeyRecord
 
@@ -35,10 +37,11 @@ def _key_json(record: ApiKeyRecord) -> dict[str, Any]:
     }
 
 
-@router.post("/v2/gpufn/keys", status_code=201)
-async def create_key(request: Request, principal: KeyManager, context: Context) -> dict[str, Any]:
+@router.post(
+    "/v2/gpufn/keys", status_code=201, response_model=CreatedApiKey, response_model_exclude_unset=True
+)
+async def create_key(body: CreateKeyRequest, principal: KeyManager, context: Context) -> dict[str, Any]:
     """Create an API key; the key itself is in this answer only."""
-    body = await parse_body(request, CreateKeyRequest)
     account = body.account or principal.account
     if account != principal.account and not principal.admin:
         raise ProblemError(403, "Only the admin key can create keys for another account")
@@ -47,19 +50,24 @@ async def create_key(request: Request, principal: KeyManager, context: Context) 
         raise ProblemError(400, f"Unknown scopes {unknown}; known scopes: {sorted(ALL_SCOPES)}")
     if "manage_keys" in body.scopes and not principal.admin:
         raise ProblemError(403, "Only the admin key can grant manage_keys")
+    # A key cannot grant more than it holds: otherwise a key with only manage_keys could mint a key
+    # that deploys and invokes.
+    beyond = sorted(scope for scope in set(body.scopes) if not principal.allows(scope))
+    if beyond:
+        raise ProblemError(403, f"A key can grant only scopes it holds itself; this key lacks {beyond}")
     key, record = await context.keys.create(account, body.scopes, body.description)
     return {"key": key, **_key_json(record)}
 
 
-@router.get("/v2/gpufn/keys")
+@router.get("/v2/gpufn/keys", response_model=ApiKeyListResponse, response_model_exclude_unset=True)
 async def list_keys(principal: KeyManager, context: Context) -> dict[str, Any]:
     """List keys (all accounts for the admin, else the caller's account), never the keys themselves."""
     records = [r for r in context.keys.records if principal.admin or r.account == principal.account]
     return {"keys": [_key_json(r) for r in records]}
 
 
-@router.delete("/v2/gpufn/keys/{key_id}", status_code=204)
-async def revoke_key(key_id: str, principal: KeyManager, context: Context) -> Response:
+@router.delete("/v2/gpufn/keys/{keyId}", status_code=204)
+async def revoke_key(key_id: KeyId, principal: KeyManager, context: Context) -> Response:
     """Revoke a key."""
     record = next((r for r in context.keys.records if r.keyId == key_id), None)
     if record is None or (record.account != principal.account and not principal.admin):
@@ -95,7 +103,31 @@ def _form_field(content_type: str, raw: bytes, name: str) -> str | None:
     return values[0].strip() if values else None
 
 
-@router.post("/v3/keys/get-caller-info")
+class CallerInfoForm(BaseModel):
+    """The body of NGC's key introspection (form-encoded, multipart or JSON); only documented here, since
+    the route reads the three encodings itself.
+    """
+
+    credentials: str | None = Field(default=None, description="The key to describe; else the bearer key")
+
+
+_CALLER_INFO_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            media: {"schema": CallerInfoForm.model_json_schema()}
+            for media in ("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
+        },
+    }
+}
+
+
+@router.post(
+    "/v3/keys/get-caller-info",
+    response_model=CallerInfo,
+    response_model_exclude_unset=True,
+    openapi_extra=_CALLER_INFO_BODY,
+)
 async def get_caller_info(request: Request, context: Context) -> dict[str, Any]:
     """NGC's key introspection: form field `credentials` (or the bearer key) → account and key type."""
     raw = await request.body()

@@ -16,6 +16,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from api.deps import AppContext, Context, require
 from api.principal import Principal
 from api.problems import ProblemError
+from api.responses import LoadReport, StackHealth
 
 router = APIRouter(tags=["system"])
 
@@ -57,7 +58,14 @@ async def _check(context: AppContext) -> tuple[int, dict[str, Any]]:
     return status, checks
 
 
-@router.get("/health", include_in_schema=True)
+@router.get(
+    "/health",
+    response_model=None,
+    responses={
+        200: {"model": StackHealth, "description": "The API, Temporal and a worker are ready"},
+        503: {"model": StackHealth, "description": "A check failed; `checks` says which"},
+    },
+)
 async def health(request: Request, context: Context) -> JSONResponse:
     """Answer 200 only when the API, Temporal and a worker are ready (no key needed)."""
     now = time.monotonic()
@@ -75,7 +83,7 @@ async def health(request: Request, context: Context) -> JSONResponse:
 Admin = Annotated[Principal, Depends(require("manage_keys"))]
 
 
-@router.get("/internal/v1/load")
+@router.get("/internal/v1/load", response_model=LoadReport)
 async def load(
     principal: Admin, context: Context, since: int | None = None, epoch: str | None = None
 ) -> dict[str, Any]:

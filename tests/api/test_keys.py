@@ -416,3 +416,76 @@ async def test_cli_reports_api_errors(stack: Stack, tmp_path: Path) -> None:
     code, _, err = await cli(stack, tmp_path, "keys", "list", key="nvapi-wrong")
     assert code != 0
     assert "401" in err
+
+
+# --- Keys cannot grow; the admin alone crosses accounts (issue 14 item 2) ----------------------------
+
+
+async def test_key_can_grant_only_scopes_it_holds(stack: Stack) -> None:
+    account = f"grower-{uuid.uuid4().hex[:8]}"
+    manager = await stack.create_key(account, ["manage_keys", "list_functions"])
+    response = await stack.http.post(
+        "/v2/gpufn/keys",
+        json={"scopes": ["list_functions", "invoke_function", "deploy_function"]},
+        headers=stack.headers(manager),
+    )
+    assert_problem(response, 403, "holds", "deploy_function", "invoke_function")
+    listing = (await stack.http.get("/v2/gpufn/keys", headers=stack.headers(manager))).json()["keys"]
+    assert [k["scopes"] for k in listing] == [["list_functions", "manage_keys"]]
+    # What it holds, it may pass on, in its own account.
+    record = await create_key_record(stack, account, ["list_functions"], key=manager)
+    assert (record["account"], record["scopes"]) == (account, ["list_functions"])
+
+
+async def test_key_with_only_manage_keys_cannot_mint_an_invoking_key(stack: Stack) -> None:
+    manager = await stack.create_key(f"only-keys-{uuid.uuid4().hex[:8]}", ["manage_keys"])
+    for scopes in (["invoke_function"], NVCF_SCOPES):
+        response = await stack.http.post(
+            "/v2/gpufn/keys", json={"scopes": scopes}, headers=stack.headers(manager)
+        )
+        assert_problem(response, 403, "invoke_function")
+
+
+async def test_admin_key_reaches_an_org_alike_on_management_and_invocation_paths(
+    stack: Stack, alice: Account
+) -> None:
+    function = alice.function
+    deploy = (
+        f"/v2/orgs/{alice.name}/nvcf/deployments/functions/{function['id']}/versions/{function['versionId']}"
+    )
+    spec = {"gpu": "CPU", "instanceType": "LOCAL.CPU", "minInstances": 0, "maxInstances": 1}
+    response = await stack.http.post(deploy, json={"deploymentSpecifications": [spec]})
+    assert response.status_code == 200, response.text
+    assert response.json()["deployment"]["ncaId"] == alice.name
+    try:
+        management = await stack.http.get(version_path(function, f"/v2/orgs/{alice.name}/nvcf"))
+        invocation = await stack.http.get(f"/v2/orgs/{alice.name}/nvcf/queues/functions/{function['id']}")
+        assert (management.status_code, invocation.status_code) == (200, 200), (
+            management.text,
+            invocation.text,
+        )
+        assert management.json()["function"]["id"] == function["id"]
+        assert invocation.json()["functionId"] == function["id"]
+        # The admin acts in the org's account, so the org's listing is the org's functions.
+        listing = await stack.http.get(f"/v2/orgs/{alice.name}/nvcf/functions/ids")
+        assert function["id"] in listing.json()["functionIds"]
+    finally:
+        assert (await stack.http.delete(deploy)).status_code == 200
+
+
+async def test_other_keys_are_refused_alike_on_management_and_invocation_paths(
+    stack: Stack, alice: Account, bob: Account
+) -> None:
+    function = alice.function
+    management = await stack.http.get(
+        version_path(function, f"/v2/orgs/{alice.name}/nvcf"), headers=stack.headers(bob.key)
+    )
+    invocation = await stack.http.get(
+        f"/v2/orgs/{alice.name}/nvcf/queues/functions/{function['id']}", headers=stack.headers(bob.key)
+    )
+    assert (management.status_code, invocation.status_code) == (403, 403)
+
+
+async def test_admin_org_must_be_an_account_name(stack: Stack) -> None:
+    response = await stack.http.get("/v2/orgs/a%00b/nvcf/functions")
+    assert_problem(response, 400, "org")

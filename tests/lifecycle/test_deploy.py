@@ -124,7 +124,7 @@ async def test_a_deployment_is_read_and_patched_by_its_ids(stack: Stack) -> None
         spec_path, json={"gpu": "CPU", "instanceType": "LOCAL.CPU", "minInstances": 0, "maxInstances": 3}
     )
     assert patched.status_code == 200, patched.text
-    (spec,) = patched.json()["deployment"]["deploymentSpecifications"]
+    spec = patched.json()["gpuSpecification"]
     assert (spec["maxInstances"], spec["gpuSpecificationId"]) == (3, spec_id)
     assert (await deployment(stack, function))["deploymentSpecifications"][0]["maxInstances"] == 3
 

@@ -1,5 +1,5 @@
-"""The objects gpufn makes in a cluster: a container function's Deployment and Secret, their pods'
-hardening, and the namespaces (with their NetworkPolicy) that hold them.
+"""The objects gpufn makes in a cluster: a container function's Deployment, its pods' hardening, and the
+namespaces (with their NetworkPolicy) that hold functions.
 
 Function pods are hardened (docs/kubernetes.md, "Isolation"): no service-account token, no privilege
 escalation, every capability dropped, the runtime's default seccomp profile, and a non-root uid unless the

@@ -25,8 +25,10 @@ from temporalio.worker import Worker
 
 from activities.backend import Backend, BackendActivities
 from activities.gateway import GatewayActivities, LoadMonitor
-from activities.helm import HelmBackend, HelmSettings, KubernetesGroupBackend
-from activities.kubernetes import KubeSettings, kubernetes_backends
+from activities.helm import HelmBackend
+from activities.kube.config import HelmSettings, KubeSettings
+from activities.kube_group import KubernetesGroupBackend
+from activities.kubernetes import kubernetes_backends
 from activities.local import LocalBackend, LocalSupervisor, parse_local_gpus
 from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
 from activities.watcher import WatchActivities

@@ -68,6 +68,26 @@ class Settings(BaseSettings):
     """The pods' terminationGracePeriodSeconds."""
     kube_runtime_class: str | None = None
     """runtimeClassName of function pods (e.g. `nvidia`), when the cluster needs one for GPUs."""
+    kube_run_as_user: int = 1000
+    """uid and gid of function containers (with runAsNonRoot); 0: the image's own user, root allowed."""
+    kube_network_policy: bool = True
+    """Give every namespace gpufn makes a NetworkPolicy that isolates its pods (docs/kubernetes.md)."""
+    kube_gateway_namespace: str | None = None
+    """Namespace of gpufn's API pods when they run in the cluster (default: the worker's own namespace)."""
+    kube_gateway_cidrs: list[str] = Field(default_factory=list)
+    """Addresses gateways outside the cluster call function pods from (NetworkPolicy ingress)."""
+    kube_egress_denied_cidrs: list[str] = Field(
+        default_factory=lambda: [
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "169.254.0.0/16",
+            "fc00::/7",
+            "fe80::/10",
+        ]
+    )
+    """Addresses function pods may not reach (beyond their own namespace and DNS): the platform's networks."""
     kube_inventory_refresh: float = 30.0
     """Seconds between the API's reads of the clusters' nodes (GPUs and instance types)."""
     registry_credentials: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -78,6 +98,8 @@ class Settings(BaseSettings):
     """The values key (dotted for nested keys) that receives a Helm function's instance count."""
     helm_timeout: float = 300.0
     """Seconds one Helm operation may take, hooks included."""
+    helm_gpu_values_key: str = "resources"
+    """The values key (dotted) whose `limits` and `requests` receive a Helm function's GPUs."""
     resolve_artifacts: bool = True
     """Resolve Kubernetes functions' images to digests (and charts) against their registries at deploy."""
     insecure_registries: list[str] = Field(default_factory=list)

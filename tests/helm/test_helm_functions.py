@@ -14,7 +14,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from activities.helm import release_name, release_namespace
+from activities.kube.releases import release_name, release_namespace
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, eventually
@@ -130,7 +130,8 @@ async def test_helm_function_deploys_and_answers_through_the_gateway(
         "echo-0.1.0",
     )
     values = run_helm(kube_cluster, "get", "values", release_of(function), "--namespace", namespace)
-    assert values == {**configuration, "replicaCount": 1}
+    gpus = {"nvidia.com/gpu": 1}
+    assert values == {**configuration, "replicaCount": 1, "resources": {"limits": gpus, "requests": gpus}}
     created = read_json(apps.read_namespaced_deployment, release_of(function), namespace)
     [container] = created["spec"]["template"]["spec"]["containers"]
     assert {"name": "ECHO_GREETING", "value": "from-configuration"} in container["env"]

@@ -11,11 +11,10 @@ import pytest
 from pyhelm3 import errors as helm_errors
 from temporalio.exceptions import ApplicationError
 
-from activities.helm import (
+from activities.helm import HelmBackend
+from activities.kube.config import HelmSettings, KubeSettings
+from activities.kube.releases import (
     RELEASE_NAME_MAX,
-    HelmBackend,
-    HelmSettings,
-    KubernetesGroupBackend,
     Release,
     ServiceTarget,
     check_rendered_service,
@@ -27,7 +26,7 @@ from activities.helm import (
     release_values,
     service_target,
 )
-from activities.kubernetes import KubeSettings
+from activities.kube_group import KubernetesGroupBackend
 from activities.registry import RegistryConfig, RegistryResolver
 from workflows.models import (
     DeploymentSpecification,

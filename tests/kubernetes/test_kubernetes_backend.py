@@ -13,7 +13,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from activities.kubernetes import deployment_name, namespace_name
+from activities.kube.names import deployment_name, namespace_name
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, echo_function, eventually

@@ -10,22 +10,22 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from activities.kubernetes import (
+from activities.kube.config import KubeSettings
+from activities.kube.errors import api_error
+from activities.kube.manifests import deployment_manifest
+from activities.kube.names import (
     CONTAINER,
     ROLE_INSTANCE,
     ROLE_LABEL,
     ROLE_RELEASED,
     SPEC_LABEL,
     VERSION_LABEL,
-    KubeSettings,
-    api_error,
-    deployment_manifest,
     deployment_name,
     dns_label,
     label_value,
     namespace_name,
-    view_pod,
 )
+from activities.kube.pods import view_pod
 from gpufn.kube_inventory import (
     KubeconfigError,
     cluster_group,

@@ -194,6 +194,8 @@ def test_cluster_role_covers_function_objects(helm: Helm, tmp_path: Path) -> Non
         ("", "namespaces", "create"),
         ("", "nodes", "list"),
         ("", "serviceaccounts", "get"),
+        ("", "serviceaccounts", "patch"),
+        ("networking.k8s.io", "networkpolicies", "create"),
         ("", "pods", "watch"),
         ("", "pods", "deletecollection"),
         ("", "pods/log", "get"),

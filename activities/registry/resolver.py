@@ -1,37 +1,16 @@
-"""Resolve a function's container image or Helm chart against its registry, before anything runs.
-
-A deployment pins what it runs: an image tag becomes the manifest digest the registry serves for it now,
-a chart becomes the sha256 of its archive (or the digest of its OCI manifest). Instances then run the
-pinned artifact, so retagging or republishing afterwards does not change a deployed version.
-
-`PinningBackend` wraps any `Backend` so that its `prepare` pins the artifact (`resolve_artifacts`); the
-pins reach `ensure_instances` in `request.prepared`. `fetch_chart` downloads a pinned chart and checks it.
-
-Failures are classified here, at the edge, because only here is the registry's answer known: a missing
-repository, tag or chart and refused credentials are permanent (non-retryable `ApplicationError`s whose
-message carries the registry's own error text, which the workflow shows in `healthInfo`); connection
-errors, 5xx and 429 are transient and left to the activity's retry policy.
-
-Configuration (the settings `registry_credentials` and `insecure_registries`):
-
-* `GPUFN_REGISTRY_CREDENTIALS`: JSON `{"host[:port]": {"username": "...", "password": "..."}}`; used for
-  Basic auth and for the Bearer token exchange of images, OCI charts and chart URLs of that host.
-* `GPUFN_INSECURE_REGISTRIES`: JSON list of `host[:port]` spoken to over plain HTTP. Loopback hosts are
-  always insecure, as Docker treats them.
+"""The registry v2 API client: resolves image tags to digests and charts to archive digests, with the
+registries' Basic and Bearer authentication, and downloads pinned charts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import io
 import json
 import re
-import tarfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,22 +19,33 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import yaml
 from multidict import CIMultiDict
-from temporalio.exceptions import ApplicationError
 
-from activities.backend import Backend
-from gpufn.settings import Settings
+from activities.registry.artifacts import (
+    DIGEST_PATTERN,
+    ENV_CREDENTIALS,
+    ERROR_TEXT_LIMIT,
+    REPOSITORY_PATTERN,
+    ArtifactNotFoundError,
+    ArtifactUnauthorizedError,
+    InvalidArtifactReferenceError,
+    RegistryConfig,
+    RegistryUnavailableError,
+    ResolvedChart,
+    ResolvedImage,
+    chart_metadata,
+    digest_of,
+    newest_version,
+    normalize_host,
+    parse_image_reference,
+    write_file,
+)
 from workflows.models import (
-    DeploymentSpecification,
-    EnsureInstancesInput,
     FunctionVersionSpec,
-    InstanceRecord,
-    PrepareInput,
     PrepareResult,
-    VersionRef,
 )
 
-ENV_CREDENTIALS = "GPUFN_REGISTRY_CREDENTIALS"
-ENV_INSECURE = "GPUFN_INSECURE_REGISTRIES"
+# --- HTTP with registry authentication --------------------------------------------------------------
+
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -65,328 +55,12 @@ MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCK
 """Lists first: a multi-platform image is pinned by its index, and each node picks its platform."""
 HELM_CONFIG = "application/vnd.cncf.helm.config.v1+json"
 HELM_CHART_LAYER = "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
-
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_API = "registry-1.docker.io"
-DOCKER_HUB_ALIASES = frozenset(
-    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-)
-LOOPBACK_HOSTS = frozenset({"localhost", "::1", "[::1]"})
-
-REQUEST_TIMEOUT_SECONDS = 30.0
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 """Manifests, chart archives and index files are read into memory; nothing legitimate comes near this."""
 TOKEN_EXPIRY_MARGIN_SECONDS = 10.0
 DEFAULT_TOKEN_LIFETIME_SECONDS = 60.0
 """What the distribution token spec says to assume when a token response has no `expires_in`."""
-ERROR_TEXT_LIMIT = 500
-
-# The grammar of docker/distribution's `reference` package, minus the host part (split off first).
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
-_SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
-
-
-# --- Errors -----------------------------------------------------------------------------------------
-
-
-class ArtifactNotFoundError(ApplicationError):
-    """The registry has no such repository, tag, digest or chart: the deployment cannot succeed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, type="ArtifactNotFound", non_retryable=True)
-
-
-class ArtifactUnauthorizedError(ApplicationError):
-    """The registry refused the configured credentials (or their absence): retrying will not help."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, type="ArtifactUnauthorized", non_retryable=True)
-
-
-class InvalidArtifactReferenceError(ApplicationError):
-    """The reference cannot name an artifact (bad syntax, not a chart, digest mismatch)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, type="InvalidArtifactReference", non_retryable=True)
-
-
-class RegistryUnavailableError(ApplicationError):
-    """The registry failed or throttled (5xx, 429): the activity's retry policy tries again."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, type="RegistryUnavailable")
-
-
-# --- Configuration ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegistryCredential:
-    """A username and password (or token) for one registry host."""
-
-    username: str
-    password: str
-
-
-def normalize_host(host: str) -> str:
-    """Return the key a registry host is configured under: lower case, no scheme or path; Hub is docker.io."""
-    text = host.strip().lower()
-    if "://" in text:
-        text = urlsplit(text).netloc
-    text = text.split("/", 1)[0]
-    return DOCKER_HUB if text in DOCKER_HUB_ALIASES else text
-
-
-def _host_name(host: str) -> str:
-    """Return the host without its port (`[::1]:5000` gives `[::1]`)."""
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _is_loopback(host: str) -> bool:
-    name = _host_name(host)
-    return name in LOOPBACK_HOSTS or name.startswith("127.")
-
-
-@dataclass(frozen=True)
-class RegistryConfig:
-    """Credentials and transport choices for the registries a worker talks to.
-
-    Attributes:
-        credentials: Registry host (`host[:port]`, as in image references) to its credential.
-        insecure: Hosts spoken to over plain HTTP (loopback hosts always are).
-        timeout: Seconds one HTTP request may take.
-    """
-
-    credentials: Mapping[str, RegistryCredential] = field(default_factory=dict)
-    insecure: frozenset[str] = frozenset()
-    timeout: float = REQUEST_TIMEOUT_SECONDS
-
-    def __post_init__(self) -> None:
-        # Normalized once, so `docker.io` and `index.docker.io` find the same credential.
-        object.__setattr__(self, "credentials", {normalize_host(h): c for h, c in self.credentials.items()})
-        object.__setattr__(self, "insecure", frozenset(normalize_host(h) for h in self.insecure))
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RegistryConfig:
-        """Read `registry_credentials` and `insecure_registries` from the settings.
-
-        Raises:
-            ValueError: A registry's credential lacks a username or a password.
-        """
-        credentials = {}
-        for host, value in settings.registry_credentials.items():
-            username, password = value.get("username"), value.get("password")
-            if not username or not password:
-                raise ValueError(f"{ENV_CREDENTIALS}: '{host}' needs a username and a password")
-            credentials[str(host)] = RegistryCredential(username, password)
-        return cls(credentials=credentials, insecure=frozenset(settings.insecure_registries))
-
-    def credential_for(self, host: str) -> RegistryCredential | None:
-        """Return the credential configured for a registry host, if any."""
-        return self.credentials.get(normalize_host(host))
-
-    def scheme_for(self, host: str) -> str:
-        """Return `http` for insecure and loopback hosts, else `https`."""
-        key = normalize_host(host)
-        return "http" if key in self.insecure or _is_loopback(key) else "https"
-
-
-# --- References -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageReference:
-    """A parsed image reference, with Docker Hub's defaults applied.
-
-    Attributes:
-        registry: `host[:port]`; `docker.io` for Docker Hub.
-        repository: Path in the registry (`library/nginx` for Hub's official images).
-        tag: The tag, `latest` when neither tag nor digest was given; None with a digest only.
-        digest: The digest when the reference pins one.
-    """
-
-    registry: str
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def api_host(self) -> str:
-        """Return the host that serves the v2 API (Docker Hub's differs from its name)."""
-        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
-
-    @property
-    def manifest_ref(self) -> str:
-        """Return what the manifest endpoint is asked for: the digest when pinned, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        text = f"{self.registry}/{self.repository}"
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
-
-
-def parse_image_reference(ref: str) -> ImageReference:
-    """Parse `[host[:port]/]repo[:tag][@digest]` the way Docker does.
-
-    The first path component is a registry host when it contains `.` or `:` or is `localhost`; otherwise
-    the image is on Docker Hub, where one-component names live under `library/`.
-
-    Raises:
-        InvalidArtifactReferenceError: The reference is not valid.
-    """
-    text = ref.strip()
-    name, _, digest = text.partition("@")
-    first, slash, rest = name.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        registry, path = first, rest
-    else:
-        registry, path = DOCKER_HUB, name
-    tag: str | None = None
-    last_slash = path.rfind("/")
-    colon = path.rfind(":")
-    if colon > last_slash:
-        path, tag = path[:colon], path[colon + 1 :]
-    registry = normalize_host(registry)
-    if registry == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    if not _REPOSITORY.match(path):
-        raise InvalidArtifactReferenceError(f"Invalid image reference '{ref}': bad repository name '{path}'")
-    if tag is not None and not _TAG.match(tag):
-        raise InvalidArtifactReferenceError(f"Invalid image reference '{ref}': bad tag '{tag}'")
-    if digest and not _DIGEST.match(digest):
-        raise InvalidArtifactReferenceError(f"Invalid image reference '{ref}': bad digest '{digest}'")
-    if tag is None and not digest:
-        tag = "latest"
-    return ImageReference(registry=registry, repository=path, tag=tag, digest=digest or None)
-
-
-def pin_image(ref: str, digest: str) -> str:
-    """Return the reference that always names the same image: `host/repo@sha256:...`.
-
-    The tag is dropped: container runtimes pull by digest when one is present, and keeping a tag that may
-    move would only mislead whoever reads the pod spec.
-
-    Raises:
-        InvalidArtifactReferenceError: `ref` or `digest` is not valid.
-    """
-    parsed = parse_image_reference(ref)
-    if not _DIGEST.match(digest):
-        raise InvalidArtifactReferenceError(f"Invalid digest '{digest}' for image '{ref}'")
-    return f"{parsed.registry}/{parsed.repository}@{digest}"
-
-
-@dataclass(frozen=True)
-class ResolvedImage:
-    """An image reference and the manifest digest its registry serves for it.
-
-    Attributes:
-        reference: The reference as given.
-        registry: `host[:port]` of the registry.
-        repository: Repository path.
-        tag: The tag resolved (None when the reference was a digest).
-        digest: Digest of the manifest (or image index) served.
-        mediaType: Media type of that manifest.
-    """
-
-    reference: str
-    registry: str
-    repository: str
-    tag: str | None
-    digest: str
-    mediaType: str | None
-
-    @property
-    def pinned(self) -> str:
-        """Return `host/repo@digest`, what instances run."""
-        return f"{self.registry}/{self.repository}@{self.digest}"
-
-
-@dataclass(frozen=True)
-class ResolvedChart:
-    """A chart reference and the exact archive (or OCI manifest) it names now.
-
-    Attributes:
-        reference: The reference as given.
-        name: The chart's name (from its Chart.yaml).
-        version: The chart's version.
-        digest: `sha256:<hex>` of the archive, or of the OCI manifest for `oci://` charts.
-        url: Where the archive is: an http(s) URL, or the `oci://host/repo` of the chart.
-    """
-
-    reference: str
-    name: str
-    version: str
-    digest: str
-    url: str
-
-    @property
-    def pinned(self) -> str:
-        """Return the reference that names exactly this chart; `fetch_chart` downloads and verifies it.
-
-        `oci://host/repo@sha256:...` for OCI charts, `<url>#sha256=<hex>` (pip's form) for archives.
-        """
-        if self.url.startswith("oci://"):
-            return f"{self.url}@{self.digest}"
-        return f"{self.url}#{self.digest.replace(':', '=', 1)}"
-
-
-def _semver_key(version: str) -> tuple[int, int, int, int, str] | None:
-    """Sort key of a semantic version (stable after its pre-releases), or None when it is not one."""
-    match = _SEMVER.match(version)
-    if match is None:
-        return None
-    major, minor, patch, pre = match.groups()
-    return int(major), int(minor), int(patch), 0 if pre else 1, pre or ""
-
-
-def _newest(versions: list[str]) -> str | None:
-    """Return the newest stable semantic version, else the newest pre-release (what helm picks)."""
-    keyed = [(key, v) for v in versions if (key := _semver_key(v)) is not None]
-    stable = [item for item in keyed if item[0][3] == 1]
-    pool = stable or keyed
-    return max(pool)[1] if pool else None
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _chart_metadata(archive: bytes, source: str) -> tuple[str, str]:
-    """Return (name, version) from the Chart.yaml at the top of a chart archive.
-
-    Raises:
-        InvalidArtifactReferenceError: The archive is not a Helm chart.
-    """
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            for member in tar:
-                parts = member.name.strip("/").split("/")
-                if len(parts) == 2 and parts[1] == "Chart.yaml" and member.isfile():
-                    handle = tar.extractfile(member)
-                    meta = yaml.safe_load(handle.read()) if handle is not None else None
-                    if isinstance(meta, dict) and meta.get("name") and meta.get("version"):
-                        return str(meta["name"]), str(meta["version"])
-    except (tarfile.TarError, OSError, EOFError, yaml.YAMLError) as err:
-        raise InvalidArtifactReferenceError(f"'{source}' is not a Helm chart archive: {err}") from err
-    raise InvalidArtifactReferenceError(f"'{source}' is not a Helm chart archive: it has no valid Chart.yaml")
-
-
-# --- HTTP with registry authentication --------------------------------------------------------------
 
 
 @dataclass
@@ -503,7 +177,7 @@ class RegistryResolver:
         media_type = reply.headers.get("Content-Type")
         if not digest:
             reply = await self._request("GET", url, image.api_host, scope, headers, what=f"Image '{ref}'")
-            digest = reply.headers.get("Docker-Content-Digest") or _digest_of(reply.body)
+            digest = reply.headers.get("Docker-Content-Digest") or digest_of(reply.body)
             media_type = reply.headers.get("Content-Type")
         if image.digest and digest != image.digest:
             raise InvalidArtifactReferenceError(
@@ -565,10 +239,10 @@ class RegistryResolver:
         """
         if pinned.startswith("oci://"):
             location, _, digest = pinned.partition("@")
-            if not _DIGEST.match(digest):
+            if not DIGEST_PATTERN.match(digest):
                 raise InvalidArtifactReferenceError(f"'{pinned}' is not a pinned OCI chart reference")
             host, _, repository = location[len("oci://") :].partition("/")
-            if not _REPOSITORY.match(repository):
+            if not REPOSITORY_PATTERN.match(repository):
                 raise InvalidArtifactReferenceError(f"'{pinned}' is not a pinned OCI chart reference")
             manifest = await self._manifest_json(host, repository, digest, f"Chart '{pinned}'")
             layer = next(
@@ -584,13 +258,13 @@ class RegistryResolver:
             if algorithm != "sha256" or not hexdigest:
                 raise InvalidArtifactReferenceError(f"'{pinned}' is not a pinned chart reference")
             data = (await self._download(url, f"Chart '{url}'")).body
-            if _digest_of(data) != f"sha256:{hexdigest}":
+            if digest_of(data) != f"sha256:{hexdigest}":
                 raise InvalidArtifactReferenceError(
-                    f"Chart '{url}' changed since it was pinned: {_digest_of(data)} is not sha256:{hexdigest}"
+                    f"Chart '{url}' changed since it was pinned: {digest_of(data)} is not sha256:{hexdigest}"
                 )
             name = Path(urlsplit(url).path).name or "chart.tgz"
         path = directory / name
-        await asyncio.to_thread(_write_file, path, data)
+        await asyncio.to_thread(write_file, path, data)
         return path
 
     async def resolve_artifacts(self, spec: FunctionVersionSpec) -> PrepareResult:
@@ -612,12 +286,12 @@ class RegistryResolver:
         self, ref: str, url: str, version: str | None, expected: str | None
     ) -> ResolvedChart:
         reply = await self._download(url, f"Chart '{ref}'")
-        digest = _digest_of(reply.body)
+        digest = digest_of(reply.body)
         if expected and digest != f"sha256:{expected.removeprefix('sha256:')}":
             raise InvalidArtifactReferenceError(
                 f"Chart '{ref}': the archive at {url} has {digest}, but its repository index says {expected}"
             )
-        name, chart_version = _chart_metadata(reply.body, url)
+        name, chart_version = chart_metadata(reply.body, url)
         if version and chart_version != version:
             raise ArtifactNotFoundError(
                 f"Chart '{ref}' is version {chart_version}, not the version {version} asked for"
@@ -638,7 +312,7 @@ class RegistryResolver:
         if not entries:
             raise ArtifactNotFoundError(f"Chart '{chart}' is not in the chart repository {repository}")
         versions = {str(e.get("version")): e for e in entries if isinstance(e, dict)}
-        wanted = version or _newest(list(versions))
+        wanted = version or newest_version(list(versions))
         entry = versions.get(wanted or "")
         if entry is None or not entry.get("urls"):
             known = ", ".join(sorted(versions)) or "none"
@@ -656,7 +330,7 @@ class RegistryResolver:
         tag = None
         if colon > last_slash:
             path, tag = path[:colon], path[colon + 1 :]
-        if not slash or not _REPOSITORY.match(path):
+        if not slash or not REPOSITORY_PATTERN.match(path):
             raise InvalidArtifactReferenceError(
                 f"Invalid chart reference '{ref}': expected oci://host/repo/chart"
             )
@@ -666,7 +340,7 @@ class RegistryResolver:
             tag = version.replace("+", "_")
         if tag is None:
             tags = await self._tags(host, path, what)
-            tag = _newest([t.replace("_", "+") for t in tags])
+            tag = newest_version([t.replace("_", "+") for t in tags])
             if tag is None:
                 raise ArtifactNotFoundError(f"{what} has no version tags")
             tag = tag.replace("+", "_")
@@ -674,7 +348,7 @@ class RegistryResolver:
         url = self._url(host, f"/v2/{path}/manifests/{tag}")
         scope = f"repository:{path}:pull"
         reply = await self._request("GET", url, host, scope, {"Accept": OCI_MANIFEST}, what=what)
-        digest = reply.headers.get("Docker-Content-Digest") or _digest_of(reply.body)
+        digest = reply.headers.get("Docker-Content-Digest") or digest_of(reply.body)
         manifest = self._json(reply, what)
         config = manifest.get("config") or {}
         if config.get("mediaType") != HELM_CONFIG:
@@ -702,7 +376,7 @@ class RegistryResolver:
         reply = await self._request(
             "GET", url, host, f"repository:{repository}:pull", {"Accept": MANIFEST_ACCEPT}, what=what
         )
-        if reference.startswith("sha256:") and _digest_of(reply.body) != reference:
+        if reference.startswith("sha256:") and digest_of(reply.body) != reference:
             raise InvalidArtifactReferenceError(
                 f"{what}: the registry served a manifest that is not {reference}"
             )
@@ -711,7 +385,7 @@ class RegistryResolver:
     async def _blob(self, host: str, repository: str, digest: str, what: str) -> bytes:
         url = self._url(host, f"/v2/{repository}/blobs/{digest}")
         reply = await self._request("GET", url, host, f"repository:{repository}:pull", {}, what=what)
-        if digest.startswith("sha256:") and _digest_of(reply.body) != digest:
+        if digest.startswith("sha256:") and digest_of(reply.body) != digest:
             raise InvalidArtifactReferenceError(f"{what}: blob {digest} does not match its digest")
         return reply.body
 
@@ -849,45 +523,3 @@ class RegistryResolver:
                 value, time.monotonic() + max(0.0, seconds - TOKEN_EXPIRY_MARGIN_SECONDS)
             )
             return value
-
-
-class PinningBackend:
-    """A `Backend` that pins the version's image or chart in its registry when it prepares a deployment.
-
-    The wrapped backend's own checks run first (they are cheaper and need no network); then the resolver
-    pins the artifact, and the pins travel to `ensure_instances` in `request.prepared`, so every instance
-    runs the same digest. Every other verb is the wrapped backend's.
-
-    Args:
-        backend: The backend that runs the instances.
-        resolver: The worker's resolver.
-    """
-
-    def __init__(self, backend: Backend, resolver: RegistryResolver) -> None:
-        self._backend = backend
-        self._resolver = resolver
-
-    async def prepare(self, request: PrepareInput) -> PrepareResult:
-        """Run the backend's checks, then resolve the artifact; a missing one fails non-retryably."""
-        checked = await self._backend.prepare(request)
-        pinned = await self._resolver.resolve_artifacts(request.spec)
-        return PrepareResult(
-            resolvedImage=pinned.resolvedImage or checked.resolvedImage,
-            resolvedChart=pinned.resolvedChart or checked.resolvedChart,
-        )
-
-    async def ensure_instances(self, request: EnsureInstancesInput) -> list[InstanceRecord]:
-        """Delegate to the wrapped backend."""
-        return await self._backend.ensure_instances(request)
-
-    async def observe(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> list[InstanceRecord]:
-        """Delegate to the wrapped backend."""
-        return await self._backend.observe(ref, specs)
-
-    async def wait_for_change(self, ref: VersionRef, max_wait: float) -> None:
-        """Delegate to the wrapped backend."""
-        await self._backend.wait_for_change(ref, max_wait)
-
-    async def teardown(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> None:
-        """Delegate to the wrapped backend."""
-        await self._backend.teardown(ref, specs)

@@ -5,7 +5,8 @@
 What runs, each in its own process (nothing is installed, nothing outside the repository is needed):
 
 * two instances of the echo example (examples/echo/server.py): one plain, one with ECHO_DELAY_MS=20;
-* the gateway (api.gateway.Gateway) served by uvicorn with uvloop and httptools, one worker. Its route
+* the gateway (api.gateway.Gateway) served by uvicorn with uvloop and the API's httptools protocol
+  (`api/http_limits.py`), one worker. Its route
   table is fed directly with route dicts shaped like `workflows.routes.route_memo` output, and its
   `authenticate` is a stand-in that accepts one key: no Temporal is involved (the gateway never touches
   Temporal on the request path anyway; only routes and keys come from it);
@@ -140,6 +141,7 @@ def serve_main(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(ROOT))
     from api.gateway import Gateway, GatewaySettings
+    from api.http_limits import LimitedHttpToolsProtocol
     from api.principal import ALL_SCOPES, Principal
 
     principal = Principal(account=ACCOUNT, key_id="bench", scopes=ALL_SCOPES)
@@ -156,7 +158,7 @@ def serve_main(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=LimitedHttpToolsProtocol,  # as `python -m api` serves it
         log_level="warning",
         access_log=False,
         lifespan="on",

@@ -1,14 +1,12 @@
-"""FastAPI dependencies: the app's shared objects, authentication with scopes, and body parsing."""
+"""FastAPI dependencies: the app's shared objects, authentication with scopes, path parameters."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
 from api.auth import KeyCache
@@ -17,13 +15,12 @@ from api.principal import Principal
 from api.problems import ProblemError
 from api.registry import FunctionRegistry
 from api.route_sync import RouteSync
-from api.schemas import MAX_ACCOUNT_LENGTH, NAME_PATTERN, describe_validation_error
+from api.schemas import MAX_ACCOUNT_LENGTH, NAME_PATTERN
 from gpufn.cluster_groups import ClusterGroups
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
 
 MAX_MANAGEMENT_BODY = 1024 * 1024
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass
@@ -94,20 +91,3 @@ def plain_path_ids(request: Request) -> None:
     for name, value in request.path_params.items():
         if name != "org" and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
             raise ProblemError(404, f"Not found: the {name} in the path is not an id")
-
-
-async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
-    """Parse and validate a JSON body; every problem is a 400 with a readable detail."""
-    raw = await request.body()
-    if len(raw) > MAX_MANAGEMENT_BODY:
-        raise ProblemError(413, f"Request body larger than {MAX_MANAGEMENT_BODY} bytes")
-    try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise ProblemError(400, f"Malformed JSON body: {err}") from err
-    if not isinstance(data, dict):
-        raise ProblemError(400, "The request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise ProblemError(400, describe_validation_error(err)) from err

@@ -40,7 +40,6 @@ MAX_SCALE_RATE = 1000.0
 MAX_IDLE_SECONDS = 7 * 86400.0
 MAX_DRAIN_SECONDS = 86400.0
 MAX_ENVIRONMENT_ENTRIES = 256
-ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
 def documented(**schema: Any) -> Any:
@@ -126,8 +125,10 @@ class EnvironmentEntryRequest(RequestModel):
     @field_validator("key")
     @classmethod
     def _key(cls, value: str) -> str:
-        if not ENV_KEY_PATTERN.match(value):
-            raise ValueError("must be an environment variable name matching ^[A-Za-z_][A-Za-z0-9_.\\-]*$")
+        # What no process environment can hold; stricter rules (Kubernetes' names) are the backend's,
+        # which reports them as the deployment's error.
+        if "=" in value or "\x00" in value:
+            raise ValueError("must not contain '=' or NUL characters")
         return value
 
     @field_validator("value")

@@ -212,7 +212,21 @@ async def get_deployment_by_id(
 @router.get("/deployments", response_model=DeploymentListResponse, response_model_exclude_unset=True)
 async def list_deployments(principal: Deployer, context: Context) -> dict[str, Any]:
     """List the account's deployments (NVCF's fields of each, as `GET /deployments/{id}` shows them)."""
-    return {"deployments": await context.registry.list_deployments(principal.account)}
+    listed = await context.registry.list_deployments(principal.account)
+    for index, item in enumerate(listed):
+        if "deploymentSpecifications" not in item:
+            # A version whose memo predates the deployment entry (it republishes on its next change):
+            # read it once.
+            try:
+                state = await context.registry.describe(
+                    principal.account, item["functionId"], item["functionVersionId"]
+                )
+            except ProblemError:
+                continue  # deleted meanwhile
+            if state.deployment is not None:
+                full = deployment_json(state)["deployment"]
+                listed[index] = {k: v for k, v in full.items() if k not in ("instances", "scaling")}
+    return {"deployments": [item for item in listed if "deploymentSpecifications" in item]}
 
 
 @router.patch(

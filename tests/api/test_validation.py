@@ -205,6 +205,10 @@ async def test_duplicate_tags_collapse_as_a_set(stack: Stack) -> None:
         pytest.param(b"[" * 100_000 + b"]" * 100_000, [], id="deeply-nested"),
         pytest.param(b'{"name": 1e999999}', [], id="huge-number"),
         pytest.param(b'{"inferencePort": 123456789012345678901234567890}', [], id="huge-integer"),
+        pytest.param(
+            b'{"inferencePort": ' + b"9" * 5000 + b"}", ["Malformed JSON"], id="integer-over-digit-limit"
+        ),
+        pytest.param(b'{"name": "a", "name": ', ["Malformed JSON"], id="truncated"),
     ],
 )
 async def test_malformed_body_is_400(stack: Stack, content: bytes, words: list[str]) -> None:

@@ -251,19 +251,24 @@ async def test_not_enough_gpus_ends_in_error_with_the_scheduler_reason(
     assert objects_of(kube_api, big) == NOTHING
 
 
-async def test_an_environment_the_api_server_would_refuse_is_refused_at_creation(kube_stack: Stack) -> None:
-    # This used to reach the Kubernetes API server's dry run at prepare (422, then ERROR); the create
-    # call now refuses it with NVCF's validation problem, before anything is deployed.
-    response = await kube_stack.http.post(
-        "/v2/nvcf/functions",
-        json=echo_function(
+async def test_object_the_api_server_refuses_ends_in_error_at_once(
+    kube_stack: Stack, kube_api: client.ApiClient, group: str
+) -> None:
+    function = await create(
+        kube_stack,
+        echo_function(
             "k8s-refused",
             containerArgs=echo_command(),
             containerEnvironment=[{"key": "NOT VALID", "value": "x"}],
         ),
     )
-    assert response.status_code == 400
-    assert "NOT VALID" in response.json()["detail"]
+    await deploy(kube_stack, function, gpu_spec(group))
+    body = await wait_status(kube_stack, function, "ERROR", timeout=20)
+    [info] = body["healthInfo"]
+    # The server-side dry run at prepare refuses it, with the API server's own words.
+    assert "cannot create a Deployment: 422" in info["error"], info
+    assert "NOT VALID" in info["error"]
+    assert objects_of(kube_api, function) == NOTHING
 
 
 async def test_image_pull_failure_ends_in_error(

@@ -17,7 +17,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.backend import BackendActivities
@@ -106,6 +106,16 @@ TEARDOWN_RETRY_AFTER_SECONDS = 30.0
 """A teardown that failed after its retries is tried again after this long, for as long as it fails."""
 DEFAULT_DEPLOY_TIMEOUT_SECONDS = 900.0
 """The deploy deadline of a deploy request that does not carry one (sent by an API older than it)."""
+
+
+def _raise_if_cancelled(err: ActivityError) -> None:
+    """Re-raise an activity ended by the workflow's own cancellation as a cancellation of the caller.
+
+    A cancelled activity surfaces as an `ActivityError`; it is no fault of the activity, and the step
+    that awaited it must end cancelled instead of recording a failure.
+    """
+    if isinstance(err.cause, CancelledError):
+        raise asyncio.CancelledError() from err
 
 
 def _spec_failure_text(spec: DeploymentSpecification, instance: InstanceRecord) -> str:
@@ -212,16 +222,21 @@ class FunctionVersionWorkflow:
 
         Returns whether the step ran to its end (False: cancelled by a handler or by the deadline).
         """
+        if self._deploy_deadline(deployment) == timedelta(0):
+            self._refresh_status()
         step = asyncio.create_task(self._step_body(deployment))
         self._step = step
         try:
             await workflow.wait_condition(step.done, timeout=self._deploy_deadline(deployment))
         except TimeoutError:
-            # The deadline fires whatever the step waits for (an activity retrying, a slow backend).
-            step.cancel()
-            await asyncio.wait([step])
-            self._refresh_status()
-            return False
+            if self._state.status == FunctionStatus.DEPLOYING:
+                # The deadline fires whatever the step waits for (an activity retrying, a slow backend).
+                step.cancel()
+                await workflow.wait([step])
+                self._refresh_status()
+                return False
+            # The step itself decided the deployment meanwhile (ERROR, ACTIVE): let it finish.
+            await workflow.wait_condition(step.done)
         finally:
             if self._step is step:
                 self._step = None
@@ -237,6 +252,7 @@ class FunctionVersionWorkflow:
             else:
                 await self._reconcile(deployment)
         except ActivityError as err:
+            _raise_if_cancelled(err)
             self._note_backend_refusal(deployment, 0, err)
 
     def _deploy_deadline(self, deployment: Deployment) -> timedelta | None:
@@ -244,7 +260,7 @@ class FunctionVersionWorkflow:
         if self._state.status != FunctionStatus.DEPLOYING or deployment.draining or deployment.removing:
             return None
         deadline = deployment.deployStartedAt + timedelta(seconds=deployment.deployTimeoutSeconds)
-        return max(timedelta(milliseconds=10), deadline - workflow.now())
+        return max(timedelta(0), deadline - workflow.now())
 
     def _cancel_step(self) -> None:
         """Cancel the running step (its activity too), so an undeploy or delete does not wait for it."""
@@ -261,6 +277,7 @@ class FunctionVersionWorkflow:
                 self._drain_busy = True
                 await self._wait_drained(deployment, timeout, False)
         except ActivityError as err:
+            _raise_if_cancelled(err)
             # Without the gateways' word the drain cannot be confirmed; the undeploy still completes.
             workflow.logger.warning("Drain of the version failed, removing it anyway: %s", err)
         await self._undeploy_now(deployment)
@@ -289,6 +306,7 @@ class FunctionVersionWorkflow:
             try:
                 await self._undeploy_now(deployment)
             except ActivityError as err:
+                _raise_if_cancelled(err)
                 message = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
                 workflow.logger.warning("Teardown failed, trying again: %s", message)
                 self._state.healthInfo = [
@@ -394,6 +412,7 @@ class FunctionVersionWorkflow:
                         cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     )
                 except ActivityError as err:
+                    _raise_if_cancelled(err)
                     self._note_backend_refusal(deployment, index, err)
                     continue
                 self._state.drainingInstanceIds = [
@@ -469,6 +488,7 @@ class FunctionVersionWorkflow:
                     retry_policy=PREPARE_RETRY,
                 )
             except ActivityError as err:
+                _raise_if_cancelled(err)
                 cause = err.cause
                 message = cause.message if isinstance(cause, ApplicationError) else str(err)
                 self._state.healthInfo = [

@@ -28,6 +28,7 @@ from temporalio.worker import Worker
 
 from activities.backend import classified_faults
 from gpufn.autoscaling import Autoscaler, AutoscalerSettings
+from tests.lifecycle.helpers import record_history
 from workflows import function_version_workflow_id
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.models import (
@@ -346,6 +347,11 @@ class Lifecycle:
             await self.env.sleep(step)
             left -= step
             await asyncio.sleep(0.01)
+
+    async def record(self, name: str) -> None:
+        """Record the history so far for the replay tests (only when `GPUFN_RECORD_HISTORIES=1`)."""
+        assert self.handle is not None
+        record_history(await self.handle.fetch_history(), name)
 
     async def state(self) -> VersionState:
         """Return the version's state (the `describe` query the API uses)."""

@@ -51,6 +51,7 @@ async def test_deploy_timeout_ends_in_error_after_the_configured_time(lifecycle:
         await lifecycle.until(lambda s: len(s.instances) == 1)
         await lifecycle.skip(25)
         assert (await lifecycle.state()).status == FunctionStatus.DEPLOYING
+        await lifecycle.record("deploying_health_check_pending")
         await lifecycle.skip(10)
         failed = await lifecycle.until(lambda s: s.status == FunctionStatus.ERROR)
         assert any("within 30 s" in h.error for h in failed.healthInfo), failed.healthInfo
@@ -131,6 +132,7 @@ async def test_graceful_undeploy_drains_pending_work_before_removing(lifecycle: 
         assert refused.value.cause.type == errors.DEPLOYMENT_FINISHING
         assert refused.value.cause.message == "Wait for current deployment to be gracefully completed."
         assert cluster.instances, "removed before the queue drained"
+        await lifecycle.record("graceful_undeploy_draining")
         cluster.queued = 0
         await lifecycle.until(lambda s: s.deployment is None and not cluster.instances)
         assert cluster.calls[-1] == "teardown"
@@ -155,6 +157,7 @@ async def test_scale_to_zero_after_the_idle_timeout(lifecycle: Lifecycle) -> Non
         idle = await lifecycle.until(lambda s: s.instances == [] and not cluster.instances)
         assert idle.status == FunctionStatus.ACTIVE
         assert idle.scaling.lastDecision is not None and idle.scaling.lastDecision.desired == 0
+        await lifecycle.record("scaled_to_zero_after_idle")
 
 
 async def test_worker_restart_mid_deploy_continues_the_deployment(lifecycle: Lifecycle) -> None:

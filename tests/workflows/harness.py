@@ -119,18 +119,24 @@ class FakeCluster:
         self.changed = asyncio.Event()
 
     @asynccontextmanager
-    async def _time_may_pass(self) -> AsyncIterator[None]:
+    async def _time_may_pass(self, waits_for_cancel: bool = False) -> AsyncIterator[None]:
         """Let skipped time pass while this activity waits.
 
         The test server holds time still while any activity runs; a fake that stands for a long wait
         (the watcher, a hung call, a drain) releases its hold here and takes it back before it ends, so
-        the server's count of holds stays balanced.
+        the server's count of holds stays balanced. The server releases its own hold when the activity
+        is resolved: for an activity the workflow cancels without waiting (`TRY_CANCEL`, the default)
+        that is at the cancel request, so the fake must not take it back then; for one it cancels and
+        waits for (`waits_for_cancel`, like `ensure_instances`) and on a worker's shutdown it is when
+        the activity reports back.
         """
         service = self._env.client.test_service
         await service.unlock_time_skipping(UnlockTimeSkippingRequest())
         try:
             yield
         except asyncio.CancelledError:
+            if waits_for_cancel or activity.is_worker_shutdown():
+                await service.lock_time_skipping(LockTimeSkippingRequest())
             raise
         except BaseException:
             await service.lock_time_skipping(LockTimeSkippingRequest())
@@ -138,11 +144,11 @@ class FakeCluster:
         else:
             await service.lock_time_skipping(LockTimeSkippingRequest())
 
-    async def _wait_while(self, busy: Callable[[], bool]) -> None:
+    async def _wait_while(self, busy: Callable[[], bool], waits_for_cancel: bool = False) -> None:
         """Wait (heartbeating, so a cancellation arrives) while `busy()` holds."""
         if not busy():
             return
-        async with self._time_may_pass():
+        async with self._time_may_pass(waits_for_cancel):
             while busy():
                 activity.heartbeat()
                 await asyncio.sleep(POLL_SECONDS)
@@ -159,7 +165,7 @@ class FakeCluster:
         self.calls.append("ensure_instances")
         self.attempts.append(activity.info().attempt)
         try:
-            await self._wait_while(lambda: self.ensure_hangs)
+            await self._wait_while(lambda: self.ensure_hangs, waits_for_cancel=True)
         except asyncio.CancelledError:
             self.cancelled.append("ensure_instances")
             raise
@@ -352,6 +358,18 @@ class Lifecycle:
         """Record the history so far for the replay tests (only when `GPUFN_RECORD_HISTORIES=1`)."""
         assert self.handle is not None
         record_history(await self.handle.fetch_history(), name)
+
+    async def until_skipping(self, check: Callable[[VersionState], bool], seconds: float) -> VersionState:
+        """Let time pass step by step (at most `seconds` of it) until the state satisfies `check`."""
+        state = await self.state()
+        skipped = 0.0
+        while not check(state):
+            if skipped >= seconds:
+                raise AssertionError(f"condition not met; state: {state.model_dump_json(indent=1)}")
+            await self.skip(1.0)
+            skipped += 1.0
+            state = await self.state()
+        return state
 
     async def state(self) -> VersionState:
         """Return the version's state (the `describe` query the API uses)."""

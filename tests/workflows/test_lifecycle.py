@@ -166,13 +166,12 @@ async def test_worker_restart_mid_deploy_continues_the_deployment(lifecycle: Lif
     cluster.ensure_hangs = True
     async with lifecycle.worker(sticky=False):
         await deployed(lifecycle)
-        await lifecycle.until(lambda s: "ensure_instances" in cluster.calls)
+        await lifecycle.until(lambda s: "ensure_instances" in cluster.calls, wall_seconds=15)
     cluster.ensure_hangs = False
     async with lifecycle.worker():
         # The stopped worker's call is retried once its heartbeat timeout (10 s) passed; the new worker
         # replays the history (nothing cached) and carries on.
-        await lifecycle.skip(15)
-        active = await lifecycle.until(lambda s: s.status == FunctionStatus.ACTIVE)
+        active = await lifecycle.until_skipping(lambda s: s.status == FunctionStatus.ACTIVE, seconds=60)
         assert len(running(active)) == 1
 
 

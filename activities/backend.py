@@ -16,6 +16,7 @@ from typing import Protocol
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from workflows.errors import permanent_fault
 from workflows.models import (
     DeploymentSpecification,
     EnsureInstancesInput,
@@ -27,6 +28,18 @@ from workflows.models import (
     TeardownInput,
     VersionRef,
 )
+
+PERMANENT_FAULTS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+)
+"""Exceptions that say the input or the code is wrong (a command line that cannot be split, a missing
+field): the same call fails the same way however often it is retried. Everything else (connection
+errors, timeouts, a busy API server) is transient and retried on the workflow's bounded schedule."""
 
 HEARTBEAT_SECONDS = 2.0
 WATCH_WAKE_SECONDS = 10.0
@@ -62,6 +75,20 @@ class UnknownClusterGroupError(ApplicationError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"Unknown cluster group '{name}'", type="UnknownClusterGroup", non_retryable=True)
+
+
+@asynccontextmanager
+async def classified_faults(action: str) -> AsyncIterator[None]:
+    """Turn a permanent fault raised by the body into a non-retryable, declared `ApplicationError`.
+
+    Declared errors (`ApplicationError`) pass unchanged: the backend already said whether a retry helps.
+    """
+    try:
+        yield
+    except ApplicationError:
+        raise
+    except PERMANENT_FAULTS as err:
+        raise permanent_fault(f"{action}: {type(err).__name__}: {err}") from err
 
 
 @asynccontextmanager
@@ -108,13 +135,13 @@ class BackendActivities:
     @activity.defn
     async def prepare(self, request: PrepareInput) -> PrepareResult:
         """Resolve and pull what the spec runs (image digest, chart), before any instance exists."""
-        async with heartbeating():
+        async with heartbeating(), classified_faults("Cannot prepare the deployment"):
             return await self._backend(request.deploymentSpec.clusterGroup).prepare(request)
 
     @activity.defn
     async def ensure_instances(self, request: EnsureInstancesInput) -> ObservedInstances:
         """Make one spec have exactly `count` live instances after removing `remove` (idempotent)."""
-        async with heartbeating():
+        async with heartbeating(), classified_faults("Cannot start instances"):
             instances = await self._backend(request.deploymentSpec.clusterGroup).ensure_instances(request)
         return ObservedInstances(instances=instances)
 
@@ -125,6 +152,10 @@ class BackendActivities:
         Heartbeats while it waits, so the workflow's history stays still while nothing changes. Waiting
         here is what workflows started before the single version watcher (`watch_version`) still do.
         """
+        async with classified_faults("Cannot observe instances"):
+            return await self._observe(request)
+
+    async def _observe(self, request: ObserveInput) -> ObservedInstances:
         backends = self.backends_for(request.specs)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.maxWaitSeconds
@@ -153,6 +184,6 @@ class BackendActivities:
     @activity.defn
     async def teardown(self, request: TeardownInput) -> None:
         """Remove every instance and object of the version (idempotent)."""
-        async with heartbeating():
+        async with heartbeating(), classified_faults("Cannot remove instances"):
             for backend in self.backends_for(request.specs):
                 await backend.teardown(request.ref, request.specs)

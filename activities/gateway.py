@@ -288,6 +288,9 @@ class GatewayActivities:
                 remaining = sum(load.instances.get(i, 0) for i in request.instanceIds)
             if self._monitor.reachable and remaining == 0 and load.routesVersion >= request.routesVersion:
                 return DrainResult(drained=True)
+            if request.stopWhenBusy and self._monitor.reachable and remaining > 0:
+                # Work is pending: the caller answers now and waits for the drain in a second call.
+                return DrainResult(drained=False, remaining=remaining)
             if time.monotonic() >= deadline:
                 log.warning("Drain of %s timed out with %d requests left", request.ref.versionId, remaining)
                 return DrainResult(drained=False, remaining=remaining)

@@ -20,10 +20,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.gateway.route_lookup import is_uuid
 from api.problems import ProblemError
 from api.visibility import executions, memo_json, query_literal
-from workflows import function_version_workflow_id
+from workflows import errors, function_version_workflow_id
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
-from workflows.models import FunctionStatus, FunctionVersionInput, VersionState, VersionView
+from workflows.models import (
+    DeployRequest,
+    FunctionStatus,
+    FunctionVersionInput,
+    VersionState,
+    VersionView,
+)
 from workflows.routes import route_memo, summary_memo
 
 VISIBILITY_SETTLE_SECONDS = 2.0
@@ -57,12 +63,38 @@ def not_found(function_id: str, version_id: str | None, account: str) -> Problem
     )
 
 
-class FunctionRegistry:
-    """Function versions as Temporal workflows."""
+_LEGACY_NOT_FOUND_TYPES = frozenset({"LookupError"})
+"""What workers older than the declared errors raised for "not found" (Python class names)."""
 
-    def __init__(self, client: Client, task_queue: str) -> None:
+
+def refusal_problem(err: WorkflowUpdateFailedError) -> ProblemError:
+    """Return the problem an update refused by the workflow becomes: the one place this is decided.
+
+    The workflow declares each refusal with an `ApplicationError` type (`workflows.errors`): "no such
+    thing" types are a 404, every other refusal a 400 carrying the workflow's text.
+    """
+    cause = err.cause
+    if not isinstance(cause, ApplicationError):
+        return ProblemError(400, str(cause))
+    if cause.type in errors.NOT_FOUND_TYPES or cause.type in _LEGACY_NOT_FOUND_TYPES:
+        return ProblemError(404, cause.message)
+    return ProblemError(400, cause.message)
+
+
+class FunctionRegistry:
+    """Function versions as Temporal workflows.
+
+    Args:
+        client: The Temporal client.
+        task_queue: The task queue of the workers that run the workflows.
+        deploy_timeout: Seconds a new deployment may stay DEPLOYING (`GPUFN_DEPLOY_TIMEOUT`); every
+            deploy request carries it to the workflow.
+    """
+
+    def __init__(self, client: Client, task_queue: str, deploy_timeout: float = 900.0) -> None:
         self._client = client
         self._task_queue = task_queue
+        self._deploy_timeout = deploy_timeout
 
     async def create(self, state: VersionState) -> None:
         """Start the entity workflow of a new version, with its search attributes and memo."""
@@ -203,15 +235,12 @@ class FunctionRegistry:
     ) -> VersionState:
         """Run a validated update of a version's workflow; a rejection becomes a 400 (or 404)."""
         await self.describe(account, function_id, version_id)
+        if isinstance(argument, DeployRequest) and argument.deployTimeoutSeconds is None:
+            argument = argument.model_copy(update={"deployTimeoutSeconds": self._deploy_timeout})
         try:
             view: VersionView = await self.handle(function_id, version_id).execute_update(update, argument)
         except WorkflowUpdateFailedError as err:
-            cause = err.cause
-            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            kind = cause.type if isinstance(cause, ApplicationError) else None
-            if kind == "LookupError":
-                raise ProblemError(404, message) from err
-            raise ProblemError(400, message) from err
+            raise refusal_problem(err) from err
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 raise not_found(function_id, version_id, account) from err

@@ -10,19 +10,21 @@ only when something changed, so a deployed version at rest writes nothing to its
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.backend import BackendActivities
     from activities.gateway import GatewayActivities
     from activities.watcher import WatchActivities
     from gpufn.autoscaling import AutoscalerSettings, ScalingDecision
-    from workflows import reconcile
+    from workflows import errors, reconcile
     from workflows import search_attributes as sa
     from workflows.models import (
         BUSY_STATUSES,
@@ -33,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         DeployRequest,
         DrainInput,
         DrainInstanceSignal,
+        DrainResult,
         EnsureInstancesInput,
         FunctionStatus,
         FunctionVersionInput,
@@ -64,6 +67,13 @@ with workflow.unsafe.imports_passed_through():
 # Activity options, chosen deliberately: every call has a heartbeat timeout short enough that a killed
 # worker is noticed in seconds, and retries back off to at most 10 s.
 QUICK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
+"""Unbounded: only the watchers (restarted anyway) and versions started before `LIFECYCLE_STEPS_PATCH`."""
+ACTION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=8
+)
+"""A transient fault is retried for about 45 s (1+2+4+8+10+10+10 s); then the workflow decides: a heal
+backoff and a line in healthInfo, and the deploy deadline still fires. A permanent fault (a non-retryable
+`ApplicationError`, see `activities.backend.classified_faults`) is not retried at all."""
 PREPARE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=6
 )
@@ -83,6 +93,29 @@ ONE_WATCHER_PATCH = "one-version-watcher"
 continue as new. Remove the old path with `workflow.deprecate_patch` once none is left."""
 FAILURES_BEFORE_HEALTH_INFO = 3
 """Consecutive failures of a spec's instances after which the failure is shown in healthInfo."""
+LIFECYCLE_STEPS_PATCH = "cancellable-lifecycle-steps"
+"""Versions started with it run each reconcile step as a task that undeploy, delete and the deploy
+deadline cancel; only the main loop runs backend activities, and handlers hold no lock across one.
+Versions started before it keep the old path (handlers tearing down under a lock) until they continue
+as new. The choice is made once per run, at its start, so a run never mixes the two."""
+ANSWER_WITHIN = timedelta(seconds=4)
+"""Undeploy and delete wait this long at most for the teardown before they answer (it goes on after)."""
+GRACEFUL_CHECK_SECONDS = 5.0
+"""A graceful undeploy first asks the gateways this long at most whether anything is queued or running."""
+TEARDOWN_RETRY_AFTER_SECONDS = 30.0
+"""A teardown that failed after its retries is tried again after this long, for as long as it fails."""
+DEFAULT_DEPLOY_TIMEOUT_SECONDS = 900.0
+"""The deploy deadline of a deploy request that does not carry one (sent by an API older than it)."""
+
+
+def _raise_if_cancelled(err: ActivityError) -> None:
+    """Re-raise an activity ended by the workflow's own cancellation as a cancellation of the caller.
+
+    A cancelled activity surfaces as an `ActivityError`; it is no fault of the activity, and the step
+    that awaited it must end cancelled instead of recording a failure.
+    """
+    if isinstance(err.cause, CancelledError):
+        raise asyncio.CancelledError() from err
 
 
 def _spec_failure_text(spec: DeploymentSpecification, instance: InstanceRecord) -> str:
@@ -107,15 +140,31 @@ class FunctionVersionWorkflow:
         self._watcher: asyncio.Task[WatchResult] | None = None
         self._published: tuple[Any, ...] | None = None
         self._reattach_watchers = False
+        self._steps: bool | None = None
+        self._step: asyncio.Task[None] | None = None
+        self._drain_busy = False
+        """The running graceful undeploy found requests to wait for (its DELETE can answer now)."""
+
+    def _uses_steps(self) -> bool:
+        """Return whether this run uses cancellable steps (`LIFECYCLE_STEPS_PATCH`), decided once."""
+        if self._steps is None:
+            self._steps = workflow.patched(LIFECYCLE_STEPS_PATCH)
+        return self._steps
+
+    def _retry(self) -> RetryPolicy:
+        return ACTION_RETRY if self._uses_steps() else QUICK_RETRY
 
     # --- Main loop ----------------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, input: FunctionVersionInput) -> None:
         """Keep the version's instances as its deployment asks, until the version is deleted."""
+        steps = self._uses_steps()
         self._publish()
         while not self._state.deleted:
-            if self._state.deployment is None:
+            if steps:
+                await self._run_once()
+            elif self._state.deployment is None:
                 await self._stop_watchers()
                 await workflow.wait_condition(lambda: self._dirty)
                 self._dirty = False
@@ -131,7 +180,7 @@ class FunctionVersionWorkflow:
                         await self._reconcile(self._state.deployment)
                 if self._state.deployment is not None and not self._dirty:
                     await self._wait_for_change()
-            if self._should_continue_as_new():
+            if self._should_continue_as_new() and not (steps and self._removal_pending()):
                 await self._stop_watchers()
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(
@@ -139,6 +188,148 @@ class FunctionVersionWorkflow:
                 )
         await self._stop_watchers()
         await workflow.wait_condition(workflow.all_handlers_finished)
+
+    def _removal_pending(self) -> bool:
+        """Return whether an undeploy or delete is still under way (a handler may be waiting for it)."""
+        deployment = self._state.deployment
+        removing = deployment is not None and (deployment.removing or deployment.draining)
+        return removing or (self._state.deleteRequested and not self._state.deleted)
+
+    async def _run_once(self) -> None:
+        """One turn of the main loop: remove what is to go, or reconcile and wait for the next change."""
+        deployment = self._state.deployment
+        if self._state.deleteRequested or (deployment is not None and deployment.removing):
+            await self._remove()
+            return
+        if deployment is None:
+            await self._stop_watchers()
+            await workflow.wait_condition(lambda: self._dirty)
+            self._dirty = False
+            return
+        self._dirty = False
+        if self._reattach_watchers:
+            # The watchers may belong to a worker that died: start fresh ones on a live worker now
+            # instead of waiting for their heartbeats to time out.
+            self._reattach_watchers = False
+            await self._stop_watchers()
+        if not await self._run_step(deployment):
+            return
+        if self._state.deployment is deployment and not self._removal_pending() and not self._dirty:
+            await self._wait_for_change()
+
+    async def _run_step(self, deployment: Deployment) -> bool:
+        """Run one reconcile (or drain) step as a task a handler can cancel, racing the deploy deadline.
+
+        Returns whether the step ran to its end (False: cancelled by a handler or by the deadline).
+        """
+        if self._deploy_deadline(deployment) == timedelta(0):
+            self._refresh_status()
+        step = asyncio.create_task(self._step_body(deployment))
+        self._step = step
+        try:
+            await workflow.wait_condition(step.done, timeout=self._deploy_deadline(deployment))
+        except TimeoutError:
+            if self._state.status == FunctionStatus.DEPLOYING:
+                # The deadline fires whatever the step waits for (an activity retrying, a slow backend).
+                step.cancel()
+                await workflow.wait([step])
+                self._refresh_status()
+                return False
+            # The step itself decided the deployment meanwhile (ERROR, ACTIVE): let it finish.
+            await workflow.wait_condition(step.done)
+        finally:
+            if self._step is step:
+                self._step = None
+        if step.cancelled():
+            return False
+        step.result()
+        return True
+
+    async def _step_body(self, deployment: Deployment) -> None:
+        try:
+            if deployment.draining:
+                await self._drain_then_remove(deployment)
+            else:
+                await self._reconcile(deployment)
+        except ActivityError as err:
+            _raise_if_cancelled(err)
+            self._note_backend_refusal(deployment, 0, err)
+
+    def _deploy_deadline(self, deployment: Deployment) -> timedelta | None:
+        """Return the time left until DEPLOYING turns into ERROR (None when not deploying)."""
+        if self._state.status != FunctionStatus.DEPLOYING or deployment.draining or deployment.removing:
+            return None
+        deadline = deployment.deployStartedAt + timedelta(seconds=deployment.deployTimeoutSeconds)
+        return max(timedelta(0), deadline - workflow.now())
+
+    def _cancel_step(self) -> None:
+        """Cancel the running step (its activity too), so an undeploy or delete does not wait for it."""
+        if self._step is not None and not self._step.done():
+            self._step.cancel()
+
+    async def _drain_then_remove(self, deployment: Deployment) -> None:
+        """Graceful undeploy: remove at once when nothing is queued or running, else after the drain."""
+        self._drain_busy = False
+        timeout = self._autoscaler_settings(deployment.specifications[0]).drainTimeoutSeconds
+        try:
+            first = await self._wait_drained(deployment, min(timeout, GRACEFUL_CHECK_SECONDS), True)
+            if not first.drained:
+                self._drain_busy = True
+                await self._wait_drained(deployment, timeout, False)
+        except ActivityError as err:
+            _raise_if_cancelled(err)
+            # Without the gateways' word the drain cannot be confirmed; the undeploy still completes.
+            workflow.logger.warning("Drain of the version failed, removing it anyway: %s", err)
+        await self._undeploy_now(deployment)
+
+    async def _wait_drained(
+        self, deployment: Deployment, within_seconds: float, stop_when_busy: bool
+    ) -> DrainResult:
+        return await workflow.execute_activity_method(
+            GatewayActivities.wait_drained,
+            DrainInput(
+                ref=self._ref(),
+                wholeVersion=True,
+                routesVersion=self._state.routesVersion,
+                timeoutSeconds=within_seconds,
+                stopWhenBusy=stop_when_busy,
+            ),
+            start_to_close_timeout=timedelta(seconds=within_seconds + 60),
+            heartbeat_timeout=ACTION_HEARTBEAT,
+            retry_policy=self._retry(),
+        )
+
+    async def _remove(self) -> None:
+        """Tear the deployment down (forced undeploy or delete); then complete a requested delete."""
+        deployment = self._state.deployment
+        if deployment is not None:
+            try:
+                await self._undeploy_now(deployment)
+            except ActivityError as err:
+                _raise_if_cancelled(err)
+                message = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
+                workflow.logger.warning("Teardown failed, trying again: %s", message)
+                self._state.healthInfo = [
+                    HealthInfo(
+                        gpu=spec.gpu,
+                        backend=spec.backend or spec.clusterGroup,
+                        instanceType=spec.instanceType,
+                        error=f"Removing the instances failed (trying again): {message}",
+                    )
+                    for spec in deployment.specifications
+                ]
+                self._publish()
+                await asyncio.sleep(TEARDOWN_RETRY_AFTER_SECONDS)
+                return
+        if self._state.deleteRequested:
+            self._state.deleted = True
+            self._set_status(FunctionStatus.DELETED)
+            self._publish()
+
+    async def _answer_when(self, done: Callable[[], bool]) -> None:
+        """Let an update handler wait for the main loop to finish its request, at most `ANSWER_WITHIN`."""
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(done, timeout=ANSWER_WITHIN)
 
     def _should_continue_as_new(self) -> bool:
         info = workflow.info()
@@ -161,7 +352,7 @@ class FunctionVersionWorkflow:
             ObserveInput(ref=self._ref(), specs=deployment.specifications),
             start_to_close_timeout=ACTION_TIMEOUT,
             heartbeat_timeout=ACTION_HEARTBEAT,
-            retry_policy=QUICK_RETRY,
+            retry_policy=self._retry(),
         )
         self._apply_observation(observed.instances)
         if self._state.status == FunctionStatus.ERROR:
@@ -215,9 +406,13 @@ class FunctionVersionWorkflow:
                         ),
                         start_to_close_timeout=ACTION_TIMEOUT,
                         heartbeat_timeout=ACTION_HEARTBEAT,
-                        retry_policy=QUICK_RETRY,
+                        retry_policy=self._retry(),
+                        # A cancelled start must be over before a teardown runs, or it could leave an
+                        # instance behind the teardown.
+                        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     )
                 except ActivityError as err:
+                    _raise_if_cancelled(err)
                     self._note_backend_refusal(deployment, index, err)
                     continue
                 self._state.drainingInstanceIds = [
@@ -229,10 +424,15 @@ class FunctionVersionWorkflow:
         """Record a backend's permanent refusal to provision (quota, permissions, an invalid object).
 
         While deploying it ends the deployment in ERROR, as NVCF does; afterwards it is shown in
-        healthInfo and retried after the heal backoff.
+        healthInfo and retried after the heal backoff. With `LIFECYCLE_STEPS_PATCH`, only a permanent
+        fault (non-retryable) ends a deployment at once; a transient one that outlived its retries backs
+        off like an instance failure, and the deploy deadline decides.
         """
         cause = err.cause
         message = cause.message if isinstance(cause, ApplicationError) else str(err)
+        permanent = isinstance(cause, ApplicationError) and cause.non_retryable
+        if self._uses_steps() and err.activity_type and err.activity_type not in message:
+            message = f"{err.activity_type}: {message}"
         failures = self._failures(index)
         failures.consecutive += 1
         failures.total += 1
@@ -241,8 +441,10 @@ class FunctionVersionWorkflow:
             seconds=reconcile.heal_backoff_seconds(failures.consecutive)
         )
         self._refresh_health_info(deployment, force=True)
-        if self._state.status == FunctionStatus.DEPLOYING:
+        if self._state.status == FunctionStatus.DEPLOYING and (permanent or not self._uses_steps()):
             self._set_status(FunctionStatus.ERROR)
+            self._publish()
+        elif self._uses_steps():
             self._publish()
 
     async def _drain(
@@ -269,7 +471,7 @@ class FunctionVersionWorkflow:
                     seconds=self._autoscaler_settings(spec).drainTimeoutSeconds + 60
                 ),
                 heartbeat_timeout=ACTION_HEARTBEAT,
-                retry_policy=QUICK_RETRY,
+                retry_policy=self._retry(),
             )
         return ids
 
@@ -286,6 +488,7 @@ class FunctionVersionWorkflow:
                     retry_policy=PREPARE_RETRY,
                 )
             except ActivityError as err:
+                _raise_if_cancelled(err)
                 cause = err.cause
                 message = cause.message if isinstance(cause, ApplicationError) else str(err)
                 self._state.healthInfo = [
@@ -342,7 +545,7 @@ class FunctionVersionWorkflow:
             TeardownInput(ref=self._ref(), specs=deployment.specifications),
             start_to_close_timeout=ACTION_TIMEOUT,
             heartbeat_timeout=ACTION_HEARTBEAT,
-            retry_policy=QUICK_RETRY,
+            retry_policy=self._retry(),
         )
 
     # --- Waiting for something to change ------------------------------------------------------------
@@ -709,9 +912,11 @@ class FunctionVersionWorkflow:
             createdAt=request.requestedAt,
             lastUpdatedAt=request.requestedAt,
             deployStartedAt=workflow.now(),
-            deployTimeoutSeconds=self._state.deployment.deployTimeoutSeconds
-            if self._state.deployment
-            else 900.0,
+            deployTimeoutSeconds=(
+                request.deployTimeoutSeconds
+                if request.deployTimeoutSeconds is not None
+                else DEFAULT_DEPLOY_TIMEOUT_SECONDS
+            ),
         )
         self._state.instances = []
         self._state.failures = [SpecFailures() for _ in specs]
@@ -732,13 +937,22 @@ class FunctionVersionWorkflow:
         self._reject_if_deleted()
         status = self._state.status
         if status == FunctionStatus.ERROR:
-            raise ValueError(
-                "Function already has a deployment with errors. Delete the deployment before deploying again."
+            raise errors.refused(
+                errors.INVALID_STATE,
+                "Function already has a deployment with errors. "
+                "Delete the deployment before deploying again.",
             )
         if status in BUSY_STATUSES:
-            raise ValueError(f"Function is {status}: already deployed, use PUT to update the deployment.")
+            raise errors.refused(
+                errors.INVALID_STATE,
+                f"Function is {status}: already deployed, use PUT to update the deployment.",
+            )
         if self._state.deployment is not None:
-            raise ValueError("Wait for current deployment to be gracefully completed.")
+            raise errors.refused(
+                errors.DEPLOYMENT_FINISHING,
+                "Wait for current deployment to be gracefully completed.",
+                retry_can_help=True,
+            )
 
     @workflow.update
     async def update_deployment(self, request: UpdateDeploymentRequest) -> VersionView:
@@ -770,26 +984,56 @@ class FunctionVersionWorkflow:
     def _validate_update_deployment(self, request: UpdateDeploymentRequest) -> None:
         self._reject_if_deleted()
         deployment = self._state.deployment
-        if self._state.status not in BUSY_STATUSES or deployment is None or deployment.draining:
-            raise ValueError(f"Invalid status {self._state.status}: the function version is not deployed.")
+        if (
+            self._state.status not in BUSY_STATUSES
+            or deployment is None
+            or deployment.draining
+            or deployment.removing
+        ):
+            raise errors.refused(
+                errors.INVALID_STATE,
+                f"Invalid status {self._state.status}: the function version is not deployed.",
+            )
         if len(request.specifications) != len(deployment.specifications):
-            raise ValueError("The deployment specifications must match the existing deployment.")
+            raise errors.refused(
+                errors.INVALID_DEPLOYMENT, "The deployment specifications must match the existing deployment."
+            )
         for current, new in zip(deployment.specifications, request.specifications, strict=True):
             if (current.gpu, current.instanceType, current.clusterGroup) != (
                 new.gpu,
                 new.instanceType,
                 new.clusterGroup,
             ) or (current.clusters or []) != (new.clusters or []):
-                raise ValueError(
-                    "gpu, instanceType, backend and clusters cannot change; undeploy and deploy again."
+                raise errors.refused(
+                    errors.INVALID_DEPLOYMENT,
+                    "gpu, instanceType, backend and clusters cannot change; undeploy and deploy again.",
                 )
 
     @workflow.update
     async def undeploy(self, request: UndeployRequest) -> VersionView:
-        """Undeploy: INACTIVE at once; forced removes instances now, graceful after the queue drains."""
+        """Undeploy: INACTIVE at once; forced removes instances now, graceful after the queue drains.
+
+        A graceful undeploy with nothing queued or running completes before it answers, so the same
+        deployment can be created again at once (the NGC SDK's `restart()`); with work pending it
+        answers while the drain goes on, and a deploy is refused until the drain ends.
+        """
         deployment = self._state.deployment
         assert deployment is not None
         self._set_status(FunctionStatus.INACTIVE)
+        if self._uses_steps():
+            if request.graceful and not deployment.removing:
+                deployment.draining = True
+            else:
+                deployment.removing = True
+                deployment.draining = False
+            self._drain_busy = False
+            self._cancel_step()
+            self._publish()
+            self._dirty = True
+            await self._answer_when(
+                lambda: self._state.deployment is not deployment or (request.graceful and self._drain_busy)
+            )
+            return VersionView(state=self._state)
         if request.graceful:
             deployment.draining = True
             self._publish()
@@ -805,7 +1049,7 @@ class FunctionVersionWorkflow:
     def _validate_undeploy(self, request: UndeployRequest) -> None:
         self._reject_if_deleted()
         if self._state.deployment is None:
-            raise LookupError("The function version is not deployed.")
+            raise errors.refused(errors.NOT_DEPLOYED, "The function version is not deployed.")
 
     @workflow.update
     async def update_tags(self, request: UpdateTagsRequest) -> VersionView:
@@ -836,14 +1080,29 @@ class FunctionVersionWorkflow:
     def _validate_update_secrets(self, request: UpdateSecretsRequest) -> None:
         self._reject_if_deleted()
         if not self._state.spec.secretNames and self._state.status != FunctionStatus.INACTIVE:
-            raise ValueError(
+            raise errors.refused(
+                errors.INVALID_STATE,
                 f"Function is {self._state.status}: secrets can be added to a version without secrets "
-                "only while it is INACTIVE (existing secrets can be updated in any state)."
+                "only while it is INACTIVE (existing secrets can be updated in any state).",
             )
 
     @workflow.update
     async def delete(self, request: DeleteRequest) -> VersionView:
-        """Force-undeploy and delete the version; the workflow then completes."""
+        """Force-undeploy and delete the version; the workflow then completes.
+
+        Answered once the instances are gone, or after `ANSWER_WITHIN` while the teardown goes on.
+        """
+        if self._uses_steps():
+            self._set_status(FunctionStatus.DELETED)
+            self._state.deleteRequested = True
+            if self._state.deployment is not None:
+                self._state.deployment.removing = True
+                self._state.deployment.draining = False
+            self._cancel_step()
+            self._publish()
+            self._dirty = True
+            await self._answer_when(lambda: self._state.deleted)
+            return VersionView(state=self._state)
         async with self._lock:
             self._set_status(FunctionStatus.DELETED)
             if self._state.deployment is not None:
@@ -858,8 +1117,8 @@ class FunctionVersionWorkflow:
         self._reject_if_deleted()
 
     def _reject_if_deleted(self) -> None:
-        if self._state.deleted:
-            raise LookupError("The function version is deleted.")
+        if self._state.deleted or self._state.deleteRequested:
+            raise errors.refused(errors.VERSION_DELETED, "The function version is deleted.")
 
     # --- Signals (for operators and scripts) --------------------------------------------------------
 

@@ -172,6 +172,8 @@ class Deployment(BaseModel):
     """What the prepare step pinned for each spec; None until it ran."""
     deployTimeoutSeconds: float = 900.0
     """DEPLOYING turns into ERROR when minInstances are not serving after this long."""
+    removing: bool = False
+    """A forced undeploy (or a delete) asked for the instances to go; the workflow is tearing them down."""
 
 
 class ScalingStatus(BaseModel):
@@ -206,6 +208,8 @@ class VersionState(BaseModel):
     scaling: ScalingStatus = Field(default_factory=ScalingStatus)
     drainingInstanceIds: list[str] = Field(default_factory=list)
     deleted: bool = False
+    deleteRequested: bool = False
+    """A delete was accepted; the workflow removes the deployment, then completes."""
     routesVersion: int = 0
     """Bumped whenever what the gateway needs changes (status, ready instances, concurrency)."""
 
@@ -227,6 +231,10 @@ class DeployRequest(BaseModel):
     deploymentId: str
     specifications: list[DeploymentSpecification]
     requestedAt: datetime
+    deployTimeoutSeconds: float | None = None
+    """How long the deployment may stay DEPLOYING (the API's `GPUFN_DEPLOY_TIMEOUT`); None: 900 s.
+
+    It travels in the update, so it is recorded in the history and the workflow stays deterministic."""
 
 
 class UpdateDeploymentRequest(BaseModel):
@@ -352,6 +360,9 @@ class DrainInput(BaseModel):
     routesVersion: int = 0
     """The routing version that stops traffic to the instances; gateways must have applied it."""
     timeoutSeconds: float = 60.0
+    stopWhenBusy: bool = False
+    """Return (drained=False) as soon as a request is seen queued or in flight, instead of waiting for it:
+    a graceful undeploy asks this first, to finish at once when there is nothing to drain."""
 
 
 class DrainResult(BaseModel):

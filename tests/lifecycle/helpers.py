@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
+from temporalio.client import WorkflowHistory
+
 from tests.conftest import Stack, eventually
+
+HISTORIES = Path(__file__).resolve().parent.parent / "histories"
+RECORD_HISTORIES = "GPUFN_RECORD_HISTORIES"
+"""Set to 1 to (re)record the histories `tests/test_replay.py` replays, from the tests that reach them."""
+
+
+def record_history(history: WorkflowHistory, name: str) -> None:
+    """Save a workflow history under tests/histories when recording is asked for (else do nothing).
+
+    Recorded histories are committed; replaying them proves that a code change keeps running
+    workflows of that shape working (or needs `workflow.patched`).
+    """
+    if os.environ.get(RECORD_HISTORIES) == "1":
+        (HISTORIES / f"{name}.json").write_text(history.to_json() + "\n")
 
 
 async def create(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:

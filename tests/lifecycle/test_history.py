@@ -10,7 +10,13 @@ from datetime import UTC, datetime
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from tests.conftest import Stack, cpu_spec, eventually
-from tests.lifecycle.helpers import deployment, deployment_path, instance_records, wait_running
+from tests.lifecycle.helpers import (
+    deployment,
+    deployment_path,
+    instance_records,
+    record_history,
+    wait_running,
+)
 from workflows import function_version_workflow_id
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
@@ -72,4 +78,6 @@ async def test_deployment_continues_as_new_and_keeps_its_state(stack: Stack) -> 
     assert body["functionStatus"] == "ACTIVE"
     view = await stack.client.get_workflow_handle(workflow_id).query(FunctionVersionWorkflow.describe)
     assert view.state.failures[0].total == 4
+    first = await stack.client.get_workflow_handle(workflow_id, run_id=first_run).fetch_history()
+    record_history(first, "continued_as_new_after_heals")
     assert json.loads(view.state.spec.model_dump_json())["name"] == "long-lived"

@@ -75,7 +75,8 @@ def route_memo(state: VersionState) -> dict[str, Any]:
         "versionId": spec.versionId,
         "functionName": spec.name,
         "status": state.status.value,
-        "deployed": deployment is not None and not deployment.draining,
+        # A deployment being drained or torn down takes no new requests.
+        "deployed": deployment is not None and not deployment.draining and not deployment.removing,
         "inferenceUrl": spec.inferenceUrl,
         "specs": [
             {

@@ -41,7 +41,9 @@ async def deploy_and_invoke_at_once(deployer: httpx.AsyncClient, invoker: httpx.
         if status == "ACTIVE":
             break
         assert status == "DEPLOYING", f"loop {n}: {version.text}"
-        assert loop.time() < deadline, "not ACTIVE within 60 s"
+        if loop.time() > deadline:
+            stuck = await deployer.get(f"/v2/nvcf/deployments/functions/{fid}/versions/{vid}")
+            raise AssertionError(f"loop {n}: not ACTIVE within 60 s: {stuck.text}")
         await asyncio.sleep(0.02)
     answer = await invoker.post(f"/v2/nvcf/pexec/functions/{fid}", json={"n": n})
     assert answer.status_code == 200, f"loop {n}: {answer.status_code} {answer.text}"

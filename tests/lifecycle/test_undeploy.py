@@ -41,13 +41,26 @@ async def test_restart_graceful_undeploy_then_immediate_redeploy(stack: Stack) -
     assert records == {i["instanceId"] for i in running["instances"]}
 
 
-async def test_unsplittable_command_line_fails_into_error_and_undeploys_at_once(stack: Stack) -> None:
-    """A permanent fault (shlex cannot split the command) ends the deploy in ERROR naming the cause."""
-    function = await create(stack, echo_function("unterminated", containerArgs="python 'unterminated"))
+async def test_unsplittable_command_line_is_refused_at_creation(stack: Stack) -> None:
+    """A command line shlex cannot split is refused with a 400 naming the cause; nothing is created.
+
+    (Were it to reach a backend, the same fault is permanent and ends the deploy in ERROR at once: the
+    time-skipping tests in tests/workflows cover that path.)
+    """
+    response = await stack.http.post(
+        "/v2/nvcf/functions", json=echo_function("unterminated", containerArgs="python 'unterminated")
+    )
+    assert response.status_code == 400
+    assert "No closing quotation" in response.json()["detail"]
+
+
+async def test_a_version_in_error_undeploys_and_deletes_at_once(stack: Stack) -> None:
+    """An instance that exits at once fails the deploy into ERROR; undeploy and delete still answer fast."""
+    exits = echo_function("exits-at-once", containerArgs="python -c 'raise SystemExit(3)'")
+    function = await create(stack, exits)
     await deploy(stack, function, cpu_spec(1, 1))
-    failed = await wait_status(stack, function, "ERROR", timeout=20)
-    errors = " ".join(entry["error"] for entry in failed["healthInfo"])
-    assert "No closing quotation" in errors, failed["healthInfo"]
+    failed = await wait_status(stack, function, "ERROR", timeout=60)
+    assert failed["healthInfo"], failed
     loop = asyncio.get_running_loop()
     started = loop.time()
     removed = await stack.http.delete(deployment_path(function))

@@ -193,10 +193,12 @@ def instance_python(root: Path) -> tuple[Path, str | None]:
     bin_dir.mkdir(parents=True, exist_ok=True)
     bin_dir.chmod(0o755)
     for name in ("python", "python3"):
-        link = bin_dir / name
+        # Replaced atomically: stacks sharing the machine may do this at the same moment.
+        staging = bin_dir / f".{name}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to(interpreter)
+            staging.unlink()
+        staging.symlink_to(interpreter)
+        os.replace(staging, bin_dir / name)
     return bin_dir, python_path
 
 

@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# Local function instances run isolated when the stack runs as root; the script installs what that needs.
 up: $(STAMP)
+	bash deploy/isolation-setup.sh
 	$(BIN)/gpufn up
 
 lint: $(STAMP)
@@ -31,6 +33,7 @@ test-cluster:
 	bash tests/registry/setup.sh
 
 test: lint typecheck test-cluster
+	bash deploy/isolation-setup.sh
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -79,6 +79,9 @@ async def build_worker(
         secret_box=secret_box,
         start_timeout=settings.instance_start_timeout,
         workdir=Path.cwd(),
+        instance_network=settings.local_instance_network,
+        uid_base=settings.local_instance_uid_base,
+        private_root=settings.local_instance_dir,
     )
     await supervisor.start()
     backends: dict[str, Backend] = {LOCAL_CLUSTER_GROUP: LocalBackend(supervisor)}

@@ -1,9 +1,15 @@
-"""The local backend: each function instance is a process on this machine, on its own loopback address.
+"""The local backend: each function instance is a process on this machine.
+
+Where the worker runs as root, each instance runs as its own uid in its own network namespace, addressed
+by its veth address (see `activities.isolation`); elsewhere it runs as the worker's user on its own
+loopback address. Either way its environment is built from the function's spec alone, and its secrets
+are opened only when it starts: instance records hold sealed values, never plaintext.
 
 The supervisor lives in the worker process. It records every instance in a JSON file under the state
 directory (pid and process start time), so instances outlive a crashed worker and a restarted worker
-adopts the ones still alive. It probes each instance's health endpoint, notices exits at once, and wakes
-the watcher activities of the version whose instances changed.
+adopts the ones still alive. Instances the stack stopped when it shut down are started again by the
+next worker (a stop of the platform is not a fault of the function). It probes each instance's health
+endpoint, notices exits at once, and wakes the watcher activities of the version whose instances changed.
 """
 
 from __future__ import annotations
@@ -20,13 +26,25 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from temporalio.exceptions import ApplicationError
 
+from activities.isolation import (
+    Slot,
+    SlotAllocator,
+    instance_python,
+    launch_prefix,
+    make_private_dir,
+    release_slot,
+    remove_private_dir,
+    unavailable_reason,
+)
 from gpufn.durations import parse_iso_duration
 from gpufn.inventory import CPU_GPU_NAME, CPU_INSTANCE_TYPE, LocalGpu, local_instance_type
 from gpufn.sealing import SecretBox, secret_context
@@ -52,6 +70,8 @@ LOG_TAIL_LINES = 20
 NO_COMMAND_LINE = (
     "The local backend runs a version's containerArgs as a command line, and this version has none"
 )
+STOPPED_WITH_STACK = "Stopped with the stack; the next worker starts it again"
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass
@@ -71,6 +91,7 @@ class LocalInstance:
     healthTimeout: float
     command: list[str]
     env: dict[str, str]
+    """The environment without secrets; those are in `sealedSecrets` and opened at each start."""
     createdAt: str
     startTimeout: float
     gpuIndex: int | None = None
@@ -81,6 +102,11 @@ class LocalInstance:
     error: str | None = None
     failedProbes: int = 0
     exitCode: int | None = None
+    sealedSecrets: dict[str, str] = field(default_factory=dict)
+    slot: dict[str, Any] | None = None
+    """The isolation slot (uid, namespace, addresses) when the instance is isolated."""
+    privateDir: str | None = None
+    stoppedWithStack: bool = False
     lastProbeAt: float = field(default=0.0, repr=False)
 
     def record(self, log_tail: str | None) -> InstanceRecord:
@@ -130,6 +156,9 @@ class LocalSupervisor:
         secret_box: SecretBox,
         start_timeout: float,
         workdir: Path | None = None,
+        instance_network: str = "10.213.0.0/16",
+        uid_base: int = 1_640_000,
+        private_root: Path | None = None,
     ) -> None:
         self._dir = home / "instances"
         self._logs = home / "logs"
@@ -140,6 +169,23 @@ class LocalSupervisor:
         self._box = secret_box
         self._start_timeout = start_timeout
         self._workdir = workdir or Path.cwd()
+        # Instances must not read the state directory: keys, logs, Temporal's database, other records.
+        home.chmod(0o700)
+        self.isolation_unavailable = unavailable_reason()
+        self._slots = (
+            SlotAllocator(instance_network, uid_base) if self.isolation_unavailable is None else None
+        )
+        self._private_root = private_root or Path(tempfile.gettempdir()) / "gpufn-instances"
+        self._python_bin, self._python_path = (
+            instance_python(self._private_root)
+            if self._slots is not None
+            else (Path(sys.executable).parent, None)
+        )
+        if self.isolation_unavailable is not None:
+            log.warning(
+                "Instances run as the worker's user without network isolation: %s",
+                self.isolation_unavailable,
+            )
         self._instances: dict[str, LocalInstance] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -158,7 +204,16 @@ class LocalSupervisor:
             except (OSError, ValueError, TypeError) as err:
                 log.warning("Ignoring unreadable instance record %s: %s", path, err)
                 continue
-            if instance.pid is not None and _proc_start_time(instance.pid) != instance.procStart:
+            if instance.stoppedWithStack:
+                # The stack stopped it, not a fault of its own: start it again under the same id.
+                instance.stoppedWithStack = False
+                instance.pid = instance.procStart = instance.startedAt = None
+                instance.status = InstanceStatus.STARTING.value
+                instance.error = None
+                instance.failedProbes = 0
+                self._readdress(instance)
+                self._save(instance)
+            elif instance.pid is not None and _proc_start_time(instance.pid) != instance.procStart:
                 if instance.status != InstanceStatus.ERRORED.value:
                     instance.status = InstanceStatus.ERRORED.value
                     instance.error = "The instance process exited while no worker was watching it"
@@ -240,7 +295,15 @@ class LocalSupervisor:
                 non_retryable=True,
             )
         instance_id = f"{spec.versionId[:8]}-{random.getrandbits(40):010x}"
-        host = self._free_address(spec.serving_port)
+        slot: Slot | None = None
+        if self._slots is not None:
+            try:
+                slot = self._slots.claim()
+            except OSError as err:
+                raise ApplicationError(f"Could not isolate a new instance: {err}", type="NoAddress") from err
+            host = slot.instanceAddress
+        else:
+            host = self._free_address(spec.serving_port)
         health_port = spec.health.port or spec.serving_port
         instance = LocalInstance(
             instanceId=instance_id,
@@ -258,11 +321,29 @@ class LocalSupervisor:
             env=self._environment(spec, dspec, request.ref, host, instance_id),
             createdAt=datetime.now(UTC).isoformat(),
             startTimeout=self._start_timeout,
+            sealedSecrets=dict(spec.encryptedSecrets),
+            slot=asdict(slot) if slot is not None else None,
         )
         self._instances[instance_id] = instance
         self._try_launch(instance)
         self._save(instance)
         return instance
+
+    def _readdress(self, instance: LocalInstance) -> None:
+        """Give an instance the stack stopped a new slot (its old one was freed with the stack)."""
+        if self._slots is None:
+            return
+        try:
+            slot = self._slots.claim()
+        except OSError as err:
+            instance.status = InstanceStatus.ERRORED.value
+            instance.error = f"Could not isolate the instance: {err}"
+            return
+        old = instance.host
+        instance.slot = asdict(slot)
+        instance.host = slot.instanceAddress
+        instance.healthUrl = instance.healthUrl.replace(f"//{old}:", f"//{slot.instanceAddress}:", 1)
+        instance.env["HOST"] = slot.instanceAddress
 
     def _environment(
         self,
@@ -272,13 +353,13 @@ class LocalSupervisor:
         host: str,
         instance_id: str,
     ) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFN_")}
+        """Return the instance's environment without its secrets: from the spec alone, never the worker's."""
         # Instances find the worker's Python (and the packages of its environment) first on PATH.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env = {"PATH": f"{self._python_bin}{os.pathsep}{SYSTEM_PATH}", "LANG": "C.UTF-8"}
+        if self._python_path:
+            env["PYTHONPATH"] = self._python_path
         for entry in spec.containerEnvironment or []:
             env[entry.key] = entry.value
-        for name, sealed in spec.encryptedSecrets.items():
-            env[name] = self._box.open(sealed, secret_context(spec.versionId, name))
         env.update(
             {
                 "HOST": host,
@@ -339,21 +420,40 @@ class LocalSupervisor:
             instance.error = reason
             return
         env = dict(instance.env)
+        try:
+            for name, sealed in instance.sealedSecrets.items():
+                env[name] = self._box.open(sealed, secret_context(instance.versionId, name))
+        except Exception as err:  # a wrong key or tampered record: the instance cannot start
+            instance.status = InstanceStatus.ERRORED.value
+            instance.error = f"Could not open the instance's secrets: {type(err).__name__}"
+            return
         env["CUDA_VISIBLE_DEVICES"] = "" if gpu_index is None else str(gpu_index)
         instance.gpuIndex = gpu_index
+        slot = Slot(**instance.slot) if instance.slot is not None else None
+        private = make_private_dir(self._private_root, instance.instanceId, slot.uid if slot else None)
+        instance.privateDir = str(private)
+        env.setdefault("HOME", str(private))
+        env.setdefault("TMPDIR", str(private))
+        command = (launch_prefix(slot) if slot is not None else []) + instance.command
         log_path = self._logs / f"{instance.instanceId}.log"
         try:
-            with log_path.open("ab") as output:
+            # Mode 0600 and owned by the worker: the instance writes through the descriptor it is given,
+            # but cannot reopen the file (e.g. via /proc/self/fd/1) to read it or learn where logs live.
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
                 process = subprocess.Popen(
-                    instance.command,
+                    command,
                     env=env,
+                    # The code directory, read-only to an isolated instance, like a container's image.
                     cwd=self._workdir,
                     stdin=subprocess.DEVNULL,
-                    stdout=output,
+                    stdout=log_fd,
                     stderr=subprocess.STDOUT,
                     # Its own session: the instance survives a crash of this worker, and stops as a group.
                     start_new_session=True,
                 )
+            finally:
+                os.close(log_fd)
         except OSError as err:
             instance.status = InstanceStatus.ERRORED.value
             instance.error = f"Could not start {shlex.join(instance.command)}: {err}"
@@ -377,6 +477,7 @@ class LocalSupervisor:
             (self._dir / f"{instance.instanceId}.json").unlink()
         if instance.pid is not None:
             await self._stop_process(instance.pid, instance.procStart)
+        _release(instance)
         log.info("Removed instance %s", instance.instanceId)
 
     async def _stop_process(self, pid: int, proc_start: str | None) -> None:
@@ -558,6 +659,16 @@ class LocalBackend:
         await self._supervisor.remove_version(ref.versionId)
 
 
+def _release(instance: LocalInstance) -> None:
+    """Free what an instance held besides its process: its slot and its private directory."""
+    if instance.slot is not None:
+        release_slot(Slot(**instance.slot))
+        instance.slot = None
+    if instance.privateDir is not None:
+        remove_private_dir(Path(instance.privateDir))
+        instance.privateDir = None
+
+
 def parse_local_gpus(text: str) -> list[LocalGpu]:
     """Parse the `GPUFN_LOCAL_GPUS` override ("H100,H100,L40S") into GPUs numbered from 0."""
     names = [n.strip() for n in re.split(r"[,\s]+", text) if n.strip()]
@@ -589,10 +700,14 @@ def stop_recorded_instances(home: Path, grace_seconds: float = STOP_GRACE_SECOND
                 os.killpg(record.pid, signal.SIGKILL)
     for path, record in records:
         if record.status != InstanceStatus.ERRORED.value:
-            record.status = InstanceStatus.ERRORED.value
-            record.error = "Stopped with the stack"
-            with contextlib.suppress(OSError):
-                data = asdict(record)
-                data.pop("lastProbeAt", None)
-                path.write_text(json.dumps(data))
+            # Not a fault of the function: the next worker starts it again, under the same id.
+            record.stoppedWithStack = True
+            record.error = STOPPED_WITH_STACK
+        # Every slot and private directory is freed, so a stack that does not come back leaves no
+        # namespace behind; the next worker claims new slots for the instances it starts again.
+        _release(record)
+        with contextlib.suppress(OSError):
+            data = asdict(record)
+            data.pop("lastProbeAt", None)
+            path.write_text(json.dumps(data))
     return len(alive)

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     """How many CPU pseudo-GPU instances the local backend runs at once."""
     local_gpus: str | None = None
     """Override GPU discovery for the local backend, e.g. "H100,H100" (default: NVML)."""
+    local_instance_network: str = "10.213.0.0/16"
+    """Private range of the local backend's per-instance networks (a /30 each; root only)."""
+    local_instance_uid_base: int = 1_640_000
+    """First uid of the range the local backend runs instances as, one uid per slot (root only)."""
+    local_instance_dir: Path | None = None
+    """Parent of the instances' private directories (default: `gpufn-instances` in the temp directory)."""
     instance_start_timeout: float = 600.0
     """Seconds an instance may take to pass its first health check before it counts as failed."""
     deploy_timeout: float = 900.0

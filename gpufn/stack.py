@@ -1,9 +1,11 @@
 """The embedded stack behind `make up`: Temporal dev server, one worker, one API, supervised together.
 
 Runs in the foreground. Temporal persists to a SQLite file in the state directory, so stopping and
-starting again keeps every function. A worker or API that dies is restarted (instances outlive a
-worker crash and are adopted). Ctrl-C or SIGTERM stops the API, the worker, every function instance
-and Temporal, in that order.
+starting again keeps every function. Any child that dies (Temporal, the worker or the API) is restarted
+after a backoff that resets once the child has stayed up for a while; instances keep running meanwhile
+and a restarted worker adopts them. Each child's restart is scheduled, never waited for, so the others
+stay watched. Ctrl-C or SIGTERM stops the API, the worker, every function instance and Temporal, in
+that order; the next start starts the stopped instances again (deployments in progress continue).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from activities.isolation import unavailable_reason
 from activities.local import stop_recorded_instances
 from gpufn.settings import Settings
 from workflows import search_attributes as sa
@@ -27,6 +31,9 @@ from workflows import search_attributes as sa
 READY_TIMEOUT_SECONDS = 120.0
 STOP_GRACE_SECONDS = 10.0
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0)
+HEALTHY_RESET_SECONDS = 60.0
+"""A child up this long is healthy again: its next crash restarts it after the shortest backoff."""
+SUPERVISE_INTERVAL_SECONDS = 0.2
 
 
 def temporal_cli() -> str:
@@ -66,6 +73,15 @@ class Stack:
         self.home = settings.home.resolve()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: dict[str, int] = {}
+        self.started_at: dict[str, float] = {}
+        self.restart_due: dict[str, float] = {}
+        self.backoff: tuple[float, ...] = RESTART_BACKOFF_SECONDS
+        self.healthy_reset_seconds = HEALTHY_RESET_SECONDS
+        self.starters: dict[str, Callable[[], None]] = {
+            "temporal": self.start_temporal,
+            "worker": self.start_worker,
+            "api": self.start_api,
+        }
         self.stopping = False
 
     def _env(self) -> dict[str, str]:
@@ -121,6 +137,7 @@ class Stack:
             self.processes[name] = subprocess.Popen(
                 command, env=self._env(), stdout=log_fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
+            self.started_at[name] = time.monotonic()
         finally:
             os.close(log_fd)
 
@@ -161,27 +178,35 @@ class Stack:
                 )
 
     def supervise(self) -> None:
-        """Restart a worker or API that died; stop when Temporal dies or a signal asks."""
+        """Restart any child that dies, until a signal asks the stack to stop."""
         while not self.stopping:
-            time.sleep(0.5)
-            for name in ("worker", "api"):
-                process = self.processes.get(name)
-                if process is None or process.poll() is None or self.stopping:
-                    continue
-                count = self.restarts.get(name, 0)
-                delay = RESTART_BACKOFF_SECONDS[min(count, len(RESTART_BACKOFF_SECONDS) - 1)]
-                print(
-                    f"gpufn: {name} exited with code {process.returncode}; restarting in {delay:.0f} s",
-                    flush=True,
-                )
-                time.sleep(delay)
-                self.restarts[name] = count + 1
-                if not self.stopping:
-                    (self.start_worker if name == "worker" else self.start_api)()
-            temporal = self.processes.get("temporal")
-            if temporal is not None and temporal.poll() is not None and not self.stopping:
-                print(f"gpufn: Temporal exited with code {temporal.returncode}; stopping", flush=True)
+            time.sleep(SUPERVISE_INTERVAL_SECONDS)
+            self.supervise_step()
+
+    def supervise_step(self) -> None:
+        """Look at every child once: schedule a restart of a dead one, start those whose time has come."""
+        now = time.monotonic()
+        for name, process in list(self.processes.items()):
+            if self.stopping:
                 return
+            due = self.restart_due.get(name)
+            if due is not None:
+                if now >= due:
+                    del self.restart_due[name]
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    self.starters[name]()
+                continue
+            if process.poll() is None:
+                if now - self.started_at.get(name, now) >= self.healthy_reset_seconds:
+                    self.restarts[name] = 0
+                continue
+            count = self.restarts.get(name, 0)
+            delay = self.backoff[min(count, len(self.backoff) - 1)]
+            print(
+                f"gpufn: {name} exited with code {process.returncode}; restarting in {delay:.0f} s",
+                flush=True,
+            )
+            self.restart_due[name] = now + delay
 
     def stop(self) -> None:
         """Stop the API, the worker, every instance, then Temporal."""
@@ -216,15 +241,29 @@ def banner(settings: Settings) -> str:
             f"  Temporal:         {settings.temporal_target}",
             f"  Admin API key:    {settings.resolved_admin_key()}",
             f"  State directory:  {settings.home.resolve()}",
+            isolation_line(),
             "Press Ctrl-C to stop (it stops every function instance too).",
             "",
         ]
     )
 
 
+def isolation_line() -> str:
+    """Return the banner line that says how local-backend instances are isolated here."""
+    reason = unavailable_reason()
+    if reason is None:
+        return "  Local instances:  isolated (own uid and network namespace each)"
+    return (
+        f"  Local instances:  NOT isolated ({reason}): they run as your user and can reach this "
+        "machine's ports, Temporal's included; see docs/operations.md, Security"
+    )
+
+
 def run_stack(settings: Settings) -> int:
     """Run the embedded stack in the foreground until Ctrl-C or SIGTERM; return the exit code."""
     settings.home.mkdir(parents=True, exist_ok=True)
+    # Keys, logs and Temporal's database: nobody else's business, function instances' least of all.
+    settings.home.chmod(0o700)
     stack = Stack(settings)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -189,6 +189,8 @@ class LocalSupervisor:
         self._instances: dict[str, LocalInstance] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self._generations: dict[str, int] = {}
+        """Per version, how many changes were notified (lets a watcher see one it was not waiting for)."""
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -254,6 +256,10 @@ class LocalSupervisor:
     def changed_event(self, versionId: str) -> asyncio.Event:
         """Return the event set whenever one of the version's instances changes."""
         return self._changed.setdefault(versionId, asyncio.Event())
+
+    def generation(self, versionId: str) -> int:
+        """Return how many changes of the version's instances were notified so far."""
+        return self._generations.get(versionId, 0)
 
     # --- Changes ------------------------------------------------------------------------------------
 
@@ -518,6 +524,7 @@ class LocalSupervisor:
         tmp.rename(path)
 
     def _notify(self, versionId: str) -> None:
+        self._generations[versionId] = self._generations.get(versionId, 0) + 1
         event = self._changed.pop(versionId, None)
         if event is not None:
             event.set()
@@ -616,6 +623,8 @@ class LocalBackend:
 
     def __init__(self, supervisor: LocalSupervisor) -> None:
         self._supervisor = supervisor
+        self._observed: dict[str, int] = {}
+        """Per version, the change generation its last observation saw."""
 
     async def prepare(self, request: PrepareInput) -> PrepareResult:
         """Record the image reference; the local backend runs the command line, so it pulls nothing."""
@@ -640,6 +649,7 @@ class LocalBackend:
 
     async def observe(self, ref: VersionRef, specs: list[DeploymentSpecification]) -> list[InstanceRecord]:
         """Return the version's instances now."""
+        self._observed[ref.versionId] = self._supervisor.generation(ref.versionId)
         return [
             i.record(
                 self._supervisor.log_tail(i.instanceId) if i.status == InstanceStatus.ERRORED.value else None
@@ -648,7 +658,13 @@ class LocalBackend:
         ]
 
     async def wait_for_change(self, ref: VersionRef, max_wait: float) -> None:
-        """Return when one of the version's instances changed, or after `max_wait` seconds."""
+        """Return when one of the version's instances changed, or after `max_wait` seconds.
+
+        A change notified after the last `observe` and before this wait began (the watcher observes, then
+        starts its waits as tasks) returns at once: without it, that change waited for the next re-check.
+        """
+        if self._supervisor.generation(ref.versionId) != self._observed.get(ref.versionId):
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self._supervisor.changed_event(ref.versionId).wait(), timeout=max(0.0, max_wait)

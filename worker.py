@@ -29,10 +29,10 @@ from activities.helm import HelmBackend
 from activities.kube.config import HelmSettings, KubeSettings
 from activities.kube_group import KubernetesGroupBackend
 from activities.kubernetes import kubernetes_backends
-from activities.local import LocalBackend, LocalSupervisor, parse_local_gpus
+from activities.local import LocalBackend, LocalSupervisor
 from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
 from activities.watcher import WatchActivities
-from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus
+from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus, parse_local_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
 from workflows import search_attributes as sa

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import re
 import shlex
 import signal
 import socket
@@ -46,7 +45,7 @@ from activities.isolation import (
     unavailable_reason,
 )
 from gpufn.durations import parse_iso_duration
-from gpufn.inventory import CPU_GPU_NAME, CPU_INSTANCE_TYPE, LocalGpu, local_instance_type
+from gpufn.inventory import CPU_INSTANCE_TYPE, LocalGpu, local_instance_type
 from gpufn.sealing import SecretBox, secret_context
 from workflows.models import (
     DeploymentSpecification,
@@ -683,12 +682,6 @@ def _release(instance: LocalInstance) -> None:
     if instance.privateDir is not None:
         remove_private_dir(Path(instance.privateDir))
         instance.privateDir = None
-
-
-def parse_local_gpus(text: str) -> list[LocalGpu]:
-    """Parse the `GPUFN_LOCAL_GPUS` override ("H100,H100,L40S") into GPUs numbered from 0."""
-    names = [n.strip() for n in re.split(r"[,\s]+", text) if n.strip()]
-    return [LocalGpu(index=i, name=n) for i, n in enumerate(names) if n.upper() != CPU_GPU_NAME]
 
 
 def stop_recorded_instances(home: Path, grace_seconds: float = STOP_GRACE_SECONDS) -> int:

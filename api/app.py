@@ -35,7 +35,7 @@ from api.route_sync import RouteSync
 from api.routes import deployments, functions, keys, system
 from api.schemas import describe_errors
 from gpufn.cluster_groups import ClusterGroups
-from gpufn.inventory import discover_gpus, local_cluster_group
+from gpufn.inventory import discover_gpus, local_cluster_group, parse_local_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
 
@@ -122,7 +122,6 @@ def _validation_detail(errors: Sequence[Any]) -> str:
 
 def build_cluster_groups(settings: Settings) -> ClusterGroups:
     """Return the cluster groups this installation serves: `local`, plus one per configured cluster."""
-    from activities.local import parse_local_gpus
     from gpufn.kube_inventory import kube_cluster_groups
 
     gpus = parse_local_gpus(settings.local_gpus) if settings.local_gpus is not None else discover_gpus()

@@ -36,6 +36,12 @@ def local_instance_type(gpu_name: str) -> str:
     return f"LOCAL.GPU.{gpu_name}_1x"
 
 
+def parse_local_gpus(text: str) -> list[LocalGpu]:
+    """Parse the `GPUFN_LOCAL_GPUS` override ("H100,H100,L40S") into GPUs numbered from 0."""
+    names = [n.strip() for n in re.split(r"[,\s]+", text) if n.strip()]
+    return [LocalGpu(index=i, name=n) for i, n in enumerate(names) if n.upper() != CPU_GPU_NAME]
+
+
 def discover_gpus() -> list[LocalGpu]:
     """Return this machine's NVIDIA GPUs through NVML; none when the driver is absent."""
     try:

@@ -99,9 +99,9 @@ DOMAIN_EXTERNAL_IMPORTS = frozenset(
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # Each entry: (importer, imported) -> why it is wrong and how it goes away. Remove an entry with its
     # import; the test fails while a listed import is still absent from the code.
-    ("api.app", "activities.local"): (
-        "the API process imports the worker's local backend for parse_local_gpus, a pure parser of a "
-        "setting: move it to gpufn/inventory.py and import it from there in both processes"
+    ("gpufn.stack", "activities.isolation"): (
+        "the supervisor asks the local backend's isolation whether it can isolate instances, to say so at "
+        "start: let the worker report it (its log line, or the /health answer) instead"
     ),
     ("gpufn.stack", "activities.local"): (
         "the supervisor imports the local backend for stop_recorded_instances: move the reading of the "

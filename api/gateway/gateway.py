@@ -672,15 +672,19 @@ class Gateway:
             },
         )
 
-    async def _load(self, scope: Scope, send: Send) -> None:
-        if scope["method"] != "GET":
-            raise _Refused(405, "The load report is a GET request", [(b"allow", b"GET")])
+    def _require_admin(self, scope: Scope, refusal: str) -> None:
+        """Refuse the request (401, or 403 with `refusal`) unless it carries an admin key."""
         authorization = _headers(scope).get(b"authorization")
         principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
         if principal is None:
             raise _Refused(401, "Unauthorized access", [(b"www-authenticate", b"Bearer")])
         if not principal.admin:
-            raise _Refused(403, "The load report needs an admin key")
+            raise _Refused(403, refusal)
+
+    async def _load(self, scope: Scope, send: Send) -> None:
+        if scope["method"] != "GET":
+            raise _Refused(405, "The load report is a GET request", [(b"allow", b"GET")])
+        self._require_admin(scope, "The load report needs an admin key")
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         since = query.get("since", [""])[0]
         epoch = query.get("epoch", [None])[0]
@@ -745,12 +749,7 @@ class Gateway:
         """Apply a route change sent by a peer replica (POST /internal/v1/routes, admin keys only)."""
         if scope["method"] != "POST":
             raise _Refused(405, "Route changes are POST requests", [(b"allow", b"POST")])
-        authorization = _headers(scope).get(b"authorization")
-        principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
-        if principal is None:
-            raise _Refused(401, "Unauthorized access", [(b"www-authenticate", b"Bearer")])
-        if not principal.admin:
-            raise _Refused(403, "Route changes need an admin key")
+        self._require_admin(scope, "Route changes need an admin key")
         body = await self._read_body(receive, self.settings.max_request_bytes)
         if body is None:
             return

@@ -25,12 +25,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The Kubernetes tests need a local control plane built from Debian's sources (cached after the first
-# build in ~/.cache/gpufn); tests/cluster/build.sh installs and builds what is missing, and
-# tests/registry/setup.sh installs Debian's docker-registry and skopeo for the registry tests.
+# The Kubernetes tests need a local control plane and kubelet built from Debian's sources (cached after the
+# first build in ~/.cache/gpufn); tests/cluster/build.sh installs and builds what is missing,
+# tests/registry/setup.sh installs Debian's docker-registry and skopeo for the registry tests, and
+# tests/cluster/images/build.sh builds the real node's container images (debootstrap + buildah, cached).
 test-cluster:
 	bash tests/cluster/build.sh
 	bash tests/registry/setup.sh
+	bash tests/cluster/images/build.sh
 
 test: lint typecheck test-cluster
 	bash deploy/isolation-setup.sh

@@ -1,9 +1,16 @@
-"""A throw-away Kubernetes 1.20 cluster on loopback: etcd, the control plane and a fake kubelet.
+"""A throw-away Kubernetes 1.20 cluster on loopback: etcd, the control plane, and fake or real nodes.
 
 ``TestCluster`` boots etcd, kube-apiserver, kube-controller-manager and kube-scheduler from the binaries that
-``build.sh`` caches, plus ``fake_kubelet.py``, which registers GPU nodes and runs scheduled pods as local
-processes. Every port is picked free at start, every file lives in one temporary directory, and ``stop()``
-kills every process group the cluster started (pod processes included) and removes the directory.
+``build.sh`` caches, plus either or both of:
+
+- ``fake_kubelet.py``, which registers fake GPU nodes and runs scheduled pods' first container as a local
+  process (the default);
+- a real node (``real_node=RealNodeConfig()``, see ``node.py``): containerd and a kubelet running real
+  containers, pulling images from a local registry (``docker-registry`` on loopback) that the cluster
+  starts and fills with images built on this machine (``images.py``).
+
+Every port is picked free at start, every file lives in one temporary directory, and ``stop()`` kills every
+process the cluster started (pods included), removes the real node's cgroups and bridge and the directory.
 
 Usage::
 
@@ -40,12 +47,25 @@ from typing import Any
 
 from kubernetes import client
 
+from tests.registry.servers import RegistryServer
+
 from .fake_kubelet import DEFAULT_NODES, NodeConfig, dump_config, get_json
+from .images import PAUSE_TAG, ensure_images, push, write_pause_layout
+from .node import RealNode, RealNodeConfig, reap_stale_nodes
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
 FAKE_KUBELET = HERE / "fake_kubelet.py"
-REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm")
+REQUIRED_BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kubectl",
+    "pause",
+    "helm",
+)
 
 
 class ClusterError(RuntimeError):
@@ -53,7 +73,10 @@ class ClusterError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where ``build.sh`` keeps the binaries: ``$GPUFN_KUBE_CACHE`` or ``~/.cache/gpufn/kube-1.20.2-r2``."""
+    """Where ``build.sh`` keeps the binaries: ``$GPUFN_KUBE_CACHE`` or ``~/.cache/gpufn/kube-1.20.2-r2``.
+
+    The ``-rN`` suffix versions the cache (bump it with ``build.sh``'s when the build changes).
+    """
     env = os.environ.get("GPUFN_KUBE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "gpufn" / "kube-1.20.2-r2"
 
@@ -103,10 +126,12 @@ def _free_ports(count: int) -> list[int]:
 
 
 class TestCluster:
-    """A local Kubernetes 1.20 cluster with fake GPU nodes; a context manager.
+    """A local Kubernetes 1.20 cluster with fake and/or real GPU nodes; a context manager.
 
     Args:
-        nodes: Nodes the fake kubelet registers; default two nodes with 8 H100 each.
+        nodes: Nodes the fake kubelet registers; default two nodes with 8 H100 each, none when
+            ``real_node`` is given. No fake kubelet runs when empty.
+        real_node: Also run a real node (containerd + kubelet) and a local registry; see ``node.py``.
         kubelet_settings: Overrides of ``fake_kubelet.KubeletSettings`` fields (e.g. ``{"backoff_max": 2}``);
             unset fields come from the ``FAKE_KUBELET_*`` environment variables.
         bin_dir: Directory of the binaries; default the ``build.sh`` cache.
@@ -121,6 +146,8 @@ class TestCluster:
         token: Static bearer token of an admin in ``system:masters``.
         ca_cert_path: Certificate of the API server (self-signed; also the cluster's root CA).
         helm_path: The helm v3 binary.
+        registry_host: ``127.0.0.1:<port>`` of the local registry (real node only).
+        node: The real node, when there is one.
     """
 
     # Keep pytest from collecting this class when a test module imports it.
@@ -130,12 +157,20 @@ class TestCluster:
         self,
         nodes: Sequence[NodeConfig] | None = None,
         *,
+        real_node: RealNodeConfig | None = None,
         kubelet_settings: dict[str, Any] | None = None,
         bin_dir: Path | None = None,
         keep: bool | None = None,
         boot_timeout: float = 90.0,
     ) -> None:
-        self.nodes = list(nodes) if nodes is not None else list(DEFAULT_NODES)
+        self.real_node = real_node
+        if nodes is None:
+            nodes = DEFAULT_NODES if real_node is None else ()
+        self.nodes = list(nodes)
+        self.node: RealNode | None = None
+        self.registry: RegistryServer | None = None
+        self.registry_host = ""
+        self._pushed: set[str] = set()
         self.kubelet_settings = dict(kubelet_settings or {})
         self.bin_dir = bin_dir or cache_dir() / "bin"
         self.keep = keep if keep is not None else os.environ.get("GPUFN_KUBE_KEEP") == "1"
@@ -180,6 +215,9 @@ class TestCluster:
         if missing:
             raise ClusterError(f"missing {', '.join(missing)} in {self.bin_dir}: run bash {BUILD_SCRIPT}")
         t0 = self._t0 = time.monotonic()
+        if self.real_node is not None:
+            # Real nodes of test processes that were killed before they could clean up.
+            reap_stale_nodes()
         self.workdir = Path(tempfile.mkdtemp(prefix="gpufn-kube-"))
         self._started = True
         # Whatever happens to the test process, do not leave a control plane (or pod processes) behind.
@@ -262,8 +300,30 @@ class TestCluster:
                 "--profiling=false",
             ],
         )
-        # The fake kubelet's Python start-up (about a second) overlaps the API server's; it retries until
-        # the server answers.
+        # The kubelets start while the API server does; they retry until it answers.
+        if self.nodes:
+            self._spawn_fake_kubelet()
+        if self.real_node is not None:
+            self._start_real_node(self.real_node)
+
+        # The controller-manager and scheduler wait (a bounded time) for the API server's health themselves:
+        # starting them once it serves HTTPS, rather than once it is ready, overlaps their start-up with its
+        # post-start hooks. (Its port accepts connections long before it serves, so that is no signal.)
+        self._wait(lambda: self._apiserver_ready(any_answer=True), deadline, "kube-apiserver to serve")
+        self._start_controllers(pki)
+        self._wait(self._apiserver_ready, deadline, "kube-apiserver /readyz")
+
+        with self.api_client() as api_client:
+            api = client.CoreV1Api(api_client)
+            self._wait(lambda: self._nodes_ready(api), deadline, "nodes to be Ready and untainted")
+            # Pods are refused until the ServiceAccount controller has made the default token Secret.
+            self._wait(
+                lambda: self._sa_token_ready(api, "default"), deadline, "the default service account token"
+            )
+
+    def _spawn_fake_kubelet(self) -> None:
+        """Start ``fake_kubelet.py`` for ``self.nodes`` (its Python start-up overlaps the API server's)."""
+        wd = self.workdir
         kubelet_config = wd / "fake-kubelet.json"
         kubelet_config.write_text(dump_config(self.nodes, self.kubelet_settings))
         kubelet_env = dict(os.environ)
@@ -286,11 +346,43 @@ class TestCluster:
             env=kubelet_env,
         )
 
-        # The controller-manager and scheduler wait (a bounded time) for the API server's health themselves:
-        # starting them once it serves HTTPS, rather than once it is ready, overlaps their start-up with its
-        # post-start hooks. (Its port accepts connections long before it serves, so that is no signal.)
-        self._wait(lambda: self._apiserver_ready(any_answer=True), deadline, "kube-apiserver to serve")
+    def _start_real_node(self, config: RealNodeConfig) -> None:
+        """Start the local registry (with the sandbox image in it), containerd and the kubelet."""
+        wd = self.workdir
+        self.registry = RegistryServer(wd / "registry").start()
+        self.registry_host = self.registry.host
+        write_pause_layout(self.bin_dir / "pause", wd / "pause-image")
+        sandbox_image = f"{self.registry_host}/{PAUSE_TAG}"
+        push(wd / "pause-image", PAUSE_TAG, sandbox_image)
+        self._pushed.add(PAUSE_TAG)
+        self.node = RealNode(
+            wd / "node",
+            bin_dir=self.bin_dir,
+            kubeconfig=self.kubeconfig_path,
+            registry_host=self.registry_host,
+            sandbox_image=sandbox_image,
+            config=config,
+            spawn=self._spawn,
+        )
+        kubelet_port, healthz_port, stream_port = _free_ports(3)
+        self.node.start((kubelet_port, healthz_port, stream_port))
 
+    def image(self, tag: str) -> str:
+        """The registry reference of a built image (``echo:1``...), copying it into the registry on first use.
+
+        Raises:
+            ClusterError: The cluster has no registry (no real node).
+        """
+        if self.registry is None:
+            raise ClusterError("images need a real node: TestCluster(real_node=RealNodeConfig())")
+        reference = f"{self.registry_host}/{tag}"
+        if tag not in self._pushed:
+            push(ensure_images(), tag, reference)
+            self._pushed.add(tag)
+        return reference
+
+    def _start_controllers(self, pki: Path) -> None:
+        wd = self.workdir
         controller_manager = [
             str(self.bin_dir / "kube-controller-manager"),
             f"--kubeconfig={self.kubeconfig_path}",
@@ -314,23 +406,27 @@ class TestCluster:
         ]
         self._spawn("kube-controller-manager", controller_manager)
         self._spawn("kube-scheduler", scheduler)
-        self._wait(self._apiserver_ready, deadline, "kube-apiserver /readyz")
-
-        with self.api_client() as api_client:
-            api = client.CoreV1Api(api_client)
-            self._wait(lambda: self._nodes_ready(api), deadline, "fake nodes to be Ready and untainted")
-            # Pods are refused until the ServiceAccount controller has made the default token Secret.
-            self._wait(
-                lambda: self._sa_token_ready(api, "default"), deadline, "the default service account token"
-            )
 
     def stop(self) -> None:
-        """Kill every process started (fake kubelet and its pods first), then remove the state directory."""
+        """Kill every process started (kubelets and their pods first), then remove the state directory.
+
+        Raises:
+            NodeError: The real node left processes or cgroups that could not be removed (after the rest
+                was stopped).
+        """
         if not self._started:
             return
         self._started = False
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
+        node_error: Exception | None = None
+        if self.node is not None:
+            try:
+                self.node.stop()
+            except Exception as exc:
+                node_error = exc
+        if self.registry is not None:
+            self.registry.stop()
         procs = dict(self._procs)
         kubelet = procs.pop("fake-kubelet", None)
         if kubelet is not None:
@@ -350,6 +446,8 @@ class TestCluster:
             print(f"test cluster state kept in {self.workdir}", file=sys.stderr)
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if node_error is not None:
+            raise node_error
 
     # --- clients and helpers ---------------------------------------------------------------------------
 
@@ -410,7 +508,9 @@ class TestCluster:
 
     # --- internals -------------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with open(self.workdir / "logs" / f"{name}.log", "wb") as log:
             # Own session and process group: stop() can signal a component and everything it forked.
             proc = subprocess.Popen(
@@ -425,6 +525,7 @@ class TestCluster:
         # The fake kubelet's orphan guard kills these groups should the test process die without stop().
         pgids = " ".join(str(p.pid) for n, p in self._procs if n != "fake-kubelet")
         (self.workdir / "components.pgids").write_text(pgids + "\n")
+        return proc
 
     def _openssl(self, *args: str) -> None:
         done = subprocess.run(["openssl", *args], capture_output=True, check=False)
@@ -489,7 +590,11 @@ class TestCluster:
 
     def _nodes_ready(self, api: client.CoreV1Api) -> bool:
         wanted = {n.name for n in self.nodes}
+        if self.real_node is not None:
+            wanted.add(self.real_node.name)
         for node in get_json(api.list_node)["items"]:
+            if self.real_node is not None and node["metadata"]["name"] == self.real_node.name:
+                self._adopt_real_node(api, node)
             conditions = node.get("status", {}).get("conditions") or []
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
             tainted = any(
@@ -498,6 +603,29 @@ class TestCluster:
             if ready and not tainted:
                 wanted.discard(node["metadata"]["name"])
         return not wanted
+
+    def _adopt_real_node(self, api: client.CoreV1Api, node: dict[str, Any]) -> None:
+        """Once the real node is Ready: advertise its GPUs and lift the not-ready taint.
+
+        The GPU capacity is what the NVIDIA device plugin's registration puts on a node; it is patched
+        into the node status (there is no GPU here). The taint is what the nodelifecycle controller would
+        lift; it is off in this cluster because the fake nodes send no heartbeats it would accept.
+        """
+        assert self.real_node is not None
+        conditions = node.get("status", {}).get("conditions") or []
+        if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            return
+        name = node["metadata"]["name"]
+        gpus = str(self.real_node.gpus)
+        if node["status"].get("capacity", {}).get("nvidia.com/gpu") != gpus:
+            body: Any = {
+                "status": {"capacity": {"nvidia.com/gpu": gpus}, "allocatable": {"nvidia.com/gpu": gpus}}
+            }
+            api.patch_node_status(name, body)
+        taints = node["spec"].get("taints") or []
+        kept = [t for t in taints if t["key"] != "node.kubernetes.io/not-ready"]
+        if len(kept) != len(taints):
+            api.patch_node(name, {"spec": {"taints": kept}})
 
     @staticmethod
     def _sa_token_ready(api: client.CoreV1Api, namespace: str) -> bool:

@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
 import json
 import os
 import subprocess
 import tarfile
 from pathlib import Path
+
+from tests.registry.servers import write_oci_layout
 
 HERE = Path(__file__).resolve().parent
 IMAGE_BUILD_SCRIPT = HERE / "images" / "build.sh"
@@ -66,15 +66,8 @@ def ensure_images() -> Path:
     return layout
 
 
-def _blob(root: Path, data: bytes) -> tuple[str, int]:
-    digest = hashlib.sha256(data).hexdigest()
-    (root / "blobs" / "sha256" / digest).write_bytes(data)
-    return f"sha256:{digest}", len(data)
-
-
 def write_pause_layout(binary: Path, layout: Path) -> None:
     """Write the sandbox image (``binary`` as entrypoint ``/pause``) as an OCI layout, tag ``pause:1``."""
-    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         info = tarfile.TarInfo("pause")
@@ -82,41 +75,7 @@ def write_pause_layout(binary: Path, layout: Path) -> None:
         info.size = len(data)
         info.mode = 0o755
         tar.addfile(info, io.BytesIO(data))
-    layer_tar = buffer.getvalue()
-    layer, layer_size = _blob(layout, gzip.compress(layer_tar, mtime=0))
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Entrypoint": ["/pause"]},
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
-    }
-    config_digest, config_size = _blob(layout, json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config_size,
-        },
-        "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}
-        ],
-    }
-    digest, size = _blob(layout, json.dumps(manifest).encode())
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": digest,
-                "size": size,
-                "annotations": {"org.opencontainers.image.ref.name": PAUSE_TAG},
-            }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index))
+    write_oci_layout(layout, buffer.getvalue(), PAUSE_TAG, {"Entrypoint": ["/pause"]})
 
 
 def push(layout: Path, tag: str, destination: str) -> None:

@@ -249,18 +249,25 @@ def _blob(root: Path, data: bytes) -> tuple[str, int]:
 
 def oci_image_layout(root: Path, content: bytes, tag: str) -> str:
     """Write a one-layer image (a single file holding `content`) as an OCI layout; return its digest."""
-    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         info = tarfile.TarInfo("content.txt")
         info.size = len(content)
         tar.addfile(info, io.BytesIO(content))
-    layer_tar = buffer.getvalue()
+    return write_oci_layout(root, buffer.getvalue(), tag, {})
+
+
+def write_oci_layout(root: Path, layer_tar: bytes, tag: str, image_config: dict[str, object]) -> str:
+    """Write a one-layer image (uncompressed `layer_tar`) as an OCI layout tagged `tag`; return its digest.
+
+    `image_config` is the image configuration's `config` (entrypoint, environment, ...).
+    """
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     layer, layer_size = _blob(root, gzip.compress(layer_tar, mtime=0))
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {},
+        "config": image_config,
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
     }
     config_digest, config_size = _blob(root, json.dumps(config).encode())

@@ -11,13 +11,30 @@ of building and booting the cluster.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 from kubernetes import client
 
 from .harness import TestCluster, ensure_binaries
+
+T = TypeVar("T")
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll ``fn`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+
 
 # One cluster per test process, shared by every place that imports the fixture. Pytest makes a separate
 # session fixture of each module or conftest that imports ``kube_cluster``; without this they would each

@@ -7,32 +7,19 @@ import re
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from .fake_kubelet import get_json
+from .fixtures import wait_for
 from .harness import TestCluster
 
 pytestmark = pytest.mark.kubernetes
-
-T = TypeVar("T")
-
-
-def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``fn`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
 
 
 @pytest.fixture

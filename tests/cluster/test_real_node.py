@@ -13,36 +13,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
 
 from .fake_kubelet import get_json
+from .fixtures import wait_for
 from .harness import TestCluster, ensure_binaries
 from .images import ensure_images
 from .node import RealNodeConfig, link_exists, pid_alive, reap_stale_nodes, v1_hierarchies
 
 pytestmark = pytest.mark.kubernetes
 
-T = TypeVar("T")
 NODE = RealNodeConfig(name="real-node-1", gpus=8)
-
-
-def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``fn`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -91,12 +91,7 @@ class MissResolver:
             return
 
         async def fetch() -> None:
-            route = await self._source.version_route(function_id, version_id)
-            if route is None:
-                self._remember_unknown(version_id)
-                self._routes.remove(version_id)
-            else:
-                self._apply(route)
+            self._take(version_id, await self._source.version_route(function_id, version_id))
 
         await self._shared("v:" + version_id, arrived, fetch)
 
@@ -112,17 +107,17 @@ class MissResolver:
             version_ids = [v for v in dict.fromkeys([*known, *listed]) if is_uuid(v)]
             routes = await asyncio.gather(*(self._source.version_route(function_id, v) for v in version_ids))
             for version_id, route in zip(version_ids, routes, strict=True):
-                if route is None:
-                    self._remember_unknown(version_id)
-                    self._routes.remove(version_id)
-                else:
-                    self._apply(route)
+                self._take(version_id, route)
 
         await self._shared("f:" + function_id, arrived, fetch)
 
-    def _apply(self, route: Mapping[str, Any]) -> None:
-        if route.get("status") == "DELETED":
-            self._routes.remove(str(route["versionId"]))
+    def _take(self, version_id: str, route: Mapping[str, Any] | None) -> None:
+        """Put what the source said of a version in the table (no route: it does not exist)."""
+        if route is None:
+            self._remember_unknown(version_id)
+            self._routes.remove(version_id)
+        elif route.get("status") == "DELETED":
+            self._routes.remove(version_id)
         else:
             self._routes.apply(route)
 

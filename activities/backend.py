@@ -16,6 +16,7 @@ from typing import Protocol
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from workflows import activity_contracts as contract
 from workflows.errors import permanent_fault
 from workflows.models import (
     DeploymentSpecification,
@@ -132,20 +133,20 @@ class BackendActivities:
             seen.setdefault(spec.clusterGroup, self._backend(spec.clusterGroup))
         return list(seen.values())
 
-    @activity.defn
+    @activity.defn(name=contract.PREPARE.name)
     async def prepare(self, request: PrepareInput) -> PrepareResult:
         """Resolve and pull what the spec runs (image digest, chart), before any instance exists."""
         async with heartbeating(), classified_faults("Cannot prepare the deployment"):
             return await self._backend(request.deploymentSpec.clusterGroup).prepare(request)
 
-    @activity.defn
+    @activity.defn(name=contract.ENSURE_INSTANCES.name)
     async def ensure_instances(self, request: EnsureInstancesInput) -> ObservedInstances:
         """Make one spec have exactly `count` live instances after removing `remove` (idempotent)."""
         async with heartbeating(), classified_faults("Cannot start instances"):
             instances = await self._backend(request.deploymentSpec.clusterGroup).ensure_instances(request)
         return ObservedInstances(instances=instances)
 
-    @activity.defn
+    @activity.defn(name=contract.OBSERVE_INSTANCES.name)
     async def observe_instances(self, request: ObserveInput) -> ObservedInstances:
         """Return the version's instances; with `waitForChange`, only once they differ from `known`.
 
@@ -181,7 +182,7 @@ class BackendActivities:
                 for wait in waits:
                     wait.cancel()
 
-    @activity.defn
+    @activity.defn(name=contract.TEARDOWN.name)
     async def teardown(self, request: TeardownInput) -> None:
         """Remove every instance and object of the version (idempotent)."""
         async with heartbeating(), classified_faults("Cannot remove instances"):

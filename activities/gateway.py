@@ -13,12 +13,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from temporalio import activity
 
 from gpufn.autoscaling import Autoscaler, AutoscalerState
+from gpufn.contracts import LoadReportBody, VersionLoadEntry
+from workflows import activity_contracts as contract
 from workflows.models import DrainInput, DrainResult, WatchLoadInput, WatchLoadResult
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class _GatewayReport:
 
     epoch: str
     generation: int
-    versions: dict[str, Any]
+    versions: dict[str, VersionLoadEntry]
 
 
 class LoadMonitor:
@@ -176,15 +177,14 @@ class LoadMonitor:
             item = report.versions.get(version_id)
             if item is None:
                 continue
-            seen = int(item.get("routesVersion", 0))
             if total is None:
-                total = VersionLoad(routesVersion=seen)
-            total.queued += int(item.get("queued", 0))
-            total.inFlight += int(item.get("inFlight", 0))
-            total.ready = max(total.ready, int(item.get("ready", 0)))
-            total.routesVersion = min(total.routesVersion, seen)
-            for instance_id, count in item.get("instances", {}).items():
-                total.instances[instance_id] = total.instances.get(instance_id, 0) + int(count)
+                total = VersionLoad(routesVersion=item.routesVersion)
+            total.queued += item.queued
+            total.inFlight += item.inFlight
+            total.ready = max(total.ready, item.ready)
+            total.routesVersion = min(total.routesVersion, item.routesVersion)
+            for instance_id, count in item.instances.items():
+                total.instances[instance_id] = total.instances.get(instance_id, 0) + count
         return total
 
     async def _fetch(self, base_url: str) -> set[str]:
@@ -196,26 +196,26 @@ class LoadMonitor:
             async with self._session.get(
                 base_url.rstrip("/") + LOAD_PATH, headers=self._headers, params=params, ssl=False
             ) as resp:
-                body: dict[str, Any] | None = await resp.json() if resp.status == 200 else None
+                # Any schema version (an older or newer gateway's, during a rolling upgrade).
+                body = LoadReportBody.parse(await resp.json()) if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             body = None
         if body is None:
             # An unreachable gateway's requests count no more: forget its view (and its deltas).
             lost = self._reports.pop(base_url, None)
             return set(lost.versions) if lost is not None else set()
-        versions: dict[str, Any] = body.get("versions", {})
-        if known is None or body.get("full", True) or body.get("epoch") != known.epoch:
+        versions = body.versions
+        if known is None or body.full or body.epoch != known.epoch:
             replaced = set(known.versions) if known is not None else set()
             self._reports[base_url] = _GatewayReport(
-                epoch=str(body.get("epoch", "")), generation=int(body.get("generation", 0)), versions=versions
+                epoch=body.epoch, generation=body.generation, versions=versions
             )
             return replaced | set(versions)
-        removed: list[str] = body.get("removed", [])
         known.versions.update(versions)
-        for version_id in removed:
+        for version_id in body.removed:
             known.versions.pop(version_id, None)
-        known.generation = int(body.get("generation", known.generation))
-        return set(versions) | set(removed)
+        known.generation = body.generation
+        return set(versions) | set(body.removed)
 
 
 class GatewayActivities:
@@ -224,7 +224,7 @@ class GatewayActivities:
     def __init__(self, monitor: LoadMonitor) -> None:
         self._monitor = monitor
 
-    @activity.defn
+    @activity.defn(name=contract.WATCH_LOAD.name)
     async def watch_load(self, request: WatchLoadInput) -> WatchLoadResult:
         """Run the autoscaler on the version's load; return when it wants a count other than `current`.
 
@@ -272,7 +272,7 @@ class GatewayActivities:
         self._monitor.remember(version_id, scaler.state)
         return WatchLoadResult(decision=None)
 
-    @activity.defn
+    @activity.defn(name=contract.WAIT_DRAINED.name)
     async def wait_drained(self, request: DrainInput) -> DrainResult:
         """Wait until no gateway holds a request for the instances (or the version), up to the timeout."""
         deadline = time.monotonic() + request.timeoutSeconds

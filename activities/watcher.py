@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 from activities.backend import Backend, BackendActivities, instances_fingerprint
 from activities.gateway import IDLE_TICK_SECONDS, LoadMonitor
 from gpufn.autoscaling import Autoscaler, AutoscalerState, ScalingDecision
+from workflows import activity_contracts as contract
 from workflows.models import AutoscalingWatch, InstanceRecord, WatchInput, WatchResult
 
 RECHECK_SECONDS = 60.0
@@ -74,7 +75,7 @@ class WatchActivities:
         self._superseded: set[asyncio.Task[object]] = set()
         self._live: dict[str, _LiveAutoscaler] = {}
 
-    @activity.defn
+    @activity.defn(name=contract.WATCH_VERSION.name)
     async def watch_version(self, request: WatchInput) -> WatchResult:
         """Return when the version's instances differ from `known` or the autoscaler wants another count.
 

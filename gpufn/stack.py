@@ -23,8 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from activities.isolation import unavailable_reason
-from activities.local import stop_recorded_instances
+from gpufn.isolation_check import unavailable_reason
 from gpufn.settings import Settings
 from workflows import search_attributes as sa
 
@@ -213,10 +212,33 @@ class Stack:
         self.stopping = True
         for name in ("api", "worker"):
             self._terminate(name)
-        stopped = stop_recorded_instances(self.home)
+        stopped = self._stop_recorded_instances()
         if stopped:
             print(f"gpufn: stopped {stopped} function instance(s)", flush=True)
         self._terminate("temporal")
+
+    def _stop_recorded_instances(self) -> int:
+        """Stop the local instances recorded in the state directory; return how many were running.
+
+        The local backend's code does it, in a child process (`activities.stop_instances`), as the
+        worker's code always runs in a process of its own: the supervisor imports none of it.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "activities.stop_instances", str(self.home)],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            print(
+                f"gpufn: stopping the instances failed: {result.stderr.strip()}", file=sys.stderr, flush=True
+            )
+            return 0
+        try:
+            return int(result.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return 0
 
     def _terminate(self, name: str) -> None:
         process = self.processes.get(name)

@@ -53,11 +53,13 @@ LAYER_OF: dict[str, int] = {
     "gpufn": DOMAIN,
     "gpufn.autoscaling": DOMAIN,
     "gpufn.cluster_groups": DOMAIN,
+    "gpufn.contracts": DOMAIN,
     "gpufn.durations": DOMAIN,
     "workflows": WORKFLOWS,
     "activities": ADAPTERS,
     # gpufn's infrastructure modules, shared by the worker and the API process.
     "gpufn.inventory": ADAPTERS,  # NVML through ctypes
+    "gpufn.isolation_check": ADAPTERS,  # looks at the user id and the commands installed
     "gpufn.kube_inventory": ADAPTERS,  # Kubernetes API clients
     "gpufn.sealing": ADAPTERS,  # random nonces: never inside a workflow
     "gpufn.settings": ADAPTERS,  # reads the environment: never inside a workflow
@@ -99,20 +101,6 @@ DOMAIN_EXTERNAL_IMPORTS = frozenset(
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # Each entry: (importer, imported) -> why it is wrong and how it goes away. Remove an entry with its
     # import; the test fails while a listed import is still absent from the code.
-    ("gpufn.stack", "activities.isolation"): (
-        "the supervisor asks the local backend's isolation whether it can isolate instances, to say so at "
-        "start: let the worker report it (its log line, or the /health answer) instead"
-    ),
-    ("gpufn.stack", "activities.local"): (
-        "the supervisor imports the local backend for stop_recorded_instances: move the reading of the "
-        "instance records to a module below both (or let the worker stop its instances on shutdown)"
-    ),
-    ("workflows.function_version", "activities.backend"): (
-        "a workflow imports activity classes (upward) to name their methods: declare the activity "
-        "interfaces (names and I/O models) in workflows/ and let activities/ implement them"
-    ),
-    ("workflows.function_version", "activities.gateway"): "as activities.backend above",
-    ("workflows.function_version", "activities.watcher"): "as activities.backend above",
     ("api.gateway.routes", "api.gateway.invocations"): (
         "a cycle (both only under TYPE_CHECKING): routes and invocations name each other's classes; give "
         "the table an Invocation protocol of its own, or merge the in-flight bookkeeping into one module"

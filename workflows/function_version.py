@@ -20,10 +20,8 @@ from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.backend import BackendActivities
-    from activities.gateway import GatewayActivities
-    from activities.watcher import WatchActivities
     from gpufn.autoscaling import AutoscalerSettings, ScalingDecision
+    from workflows import activity_contracts as contract
     from workflows import errors, reconcile
     from workflows import search_attributes as sa
     from workflows.models import (
@@ -285,8 +283,8 @@ class FunctionVersionWorkflow:
     async def _wait_drained(
         self, deployment: Deployment, within_seconds: float, stop_when_busy: bool
     ) -> DrainResult:
-        return await workflow.execute_activity_method(
-            GatewayActivities.wait_drained,
+        return await contract.execute(
+            contract.WAIT_DRAINED,
             DrainInput(
                 ref=self._ref(),
                 wholeVersion=True,
@@ -347,8 +345,8 @@ class FunctionVersionWorkflow:
             if prepared is None:
                 return
             deployment.prepared = prepared
-        observed = await workflow.execute_activity_method(
-            BackendActivities.observe_instances,
+        observed = await contract.execute(
+            contract.OBSERVE_INSTANCES,
             ObserveInput(ref=self._ref(), specs=deployment.specifications),
             start_to_close_timeout=ACTION_TIMEOUT,
             heartbeat_timeout=ACTION_HEARTBEAT,
@@ -393,8 +391,8 @@ class FunctionVersionWorkflow:
                     count = desired[index]
             if failed or drained or count != len(serving) + len(to_drain) - len(drained):
                 try:
-                    observed = await workflow.execute_activity_method(
-                        BackendActivities.ensure_instances,
+                    observed = await contract.execute(
+                        contract.ENSURE_INSTANCES,
                         EnsureInstancesInput(
                             ref=self._ref(),
                             spec=self._state.spec,
@@ -459,8 +457,8 @@ class FunctionVersionWorkflow:
         self._publish()
         serving = [i for i in instances if i.status != InstanceStatus.STARTING]
         if serving:
-            await workflow.execute_activity_method(
-                GatewayActivities.wait_drained,
+            await contract.execute(
+                contract.WAIT_DRAINED,
                 DrainInput(
                     ref=self._ref(),
                     instanceIds=[i.instanceId for i in serving],
@@ -480,8 +478,8 @@ class FunctionVersionWorkflow:
         results: list[PrepareResult] = []
         for spec in deployment.specifications:
             try:
-                result = await workflow.execute_activity_method(
-                    BackendActivities.prepare,
+                result = await contract.execute(
+                    contract.PREPARE,
                     PrepareInput(ref=self._ref(), spec=self._state.spec, deploymentSpec=spec),
                     start_to_close_timeout=ACTION_TIMEOUT,
                     heartbeat_timeout=ACTION_HEARTBEAT,
@@ -507,8 +505,8 @@ class FunctionVersionWorkflow:
     async def _finish_graceful_undeploy(self, deployment: Deployment) -> None:
         """Wait for the version's queued and in-flight requests, then tear everything down."""
         spec = deployment.specifications[0]
-        await workflow.execute_activity_method(
-            GatewayActivities.wait_drained,
+        await contract.execute(
+            contract.WAIT_DRAINED,
             DrainInput(
                 ref=self._ref(),
                 wholeVersion=True,
@@ -540,8 +538,8 @@ class FunctionVersionWorkflow:
         self._publish()
 
     async def _teardown(self, deployment: Deployment) -> None:
-        await workflow.execute_activity_method(
-            BackendActivities.teardown,
+        await contract.execute(
+            contract.TEARDOWN,
             TeardownInput(ref=self._ref(), specs=deployment.specifications),
             start_to_close_timeout=ACTION_TIMEOUT,
             heartbeat_timeout=ACTION_HEARTBEAT,
@@ -558,8 +556,8 @@ class FunctionVersionWorkflow:
         deployment = self._state.deployment
         assert deployment is not None
         if self._watcher is None:
-            self._watcher = workflow.start_activity_method(
-                WatchActivities.watch_version,
+            self._watcher = contract.start(
+                contract.WATCH_VERSION,
                 self._watch_input(deployment),
                 start_to_close_timeout=timedelta(seconds=WATCH_MAX_WAIT_SECONDS + 120),
                 heartbeat_timeout=WATCH_HEARTBEAT,
@@ -621,8 +619,8 @@ class FunctionVersionWorkflow:
         deployment = self._state.deployment
         assert deployment is not None
         if self._observer is None:
-            self._observer = workflow.start_activity_method(
-                BackendActivities.observe_instances,
+            self._observer = contract.start(
+                contract.OBSERVE_INSTANCES,
                 ObserveInput(
                     ref=self._ref(),
                     specs=deployment.specifications,
@@ -635,8 +633,8 @@ class FunctionVersionWorkflow:
                 retry_policy=QUICK_RETRY,
             )
         if self._load_watcher is None and self._autoscaling_enabled(deployment):
-            self._load_watcher = workflow.start_activity_method(
-                GatewayActivities.watch_load,
+            self._load_watcher = contract.start(
+                contract.WATCH_LOAD,
                 self._watch_load_input(deployment),
                 start_to_close_timeout=timedelta(seconds=LEGACY_WATCH_MAX_WAIT_SECONDS + 120),
                 heartbeat_timeout=LEGACY_WATCH_HEARTBEAT,

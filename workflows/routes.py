@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpufn.contracts import RouteEntry, RouteInstance, RouteSpec
 from workflows.models import InstanceStatus, VersionState
 
 
@@ -55,46 +56,43 @@ def summary_memo(state: VersionState) -> dict[str, Any]:
 
 
 def route_memo(state: VersionState) -> dict[str, Any]:
-    """Return what a gateway needs to route invocations of this version."""
+    """Return what a gateway needs to route invocations of this version (a `RouteEntry`, as JSON)."""
     spec = state.spec
     deployment = state.deployment
     specs = deployment.specifications if deployment is not None else []
     draining = set(state.drainingInstanceIds)
     instances = [
-        {
-            "id": i.instanceId,
-            "address": i.address,
-            "spec": i.specIndex,
-        }
+        RouteInstance(id=i.instanceId, address=i.address or "", spec=i.specIndex)
         for i in state.instances
         if i.status == InstanceStatus.RUNNING and i.address and i.instanceId not in draining
     ]
-    return {
-        "accountId": spec.ncaId,
-        "functionId": spec.id,
-        "versionId": spec.versionId,
-        "functionName": spec.name,
-        "status": state.status.value,
+    entry = RouteEntry(
+        accountId=spec.ncaId,
+        functionId=spec.id,
+        versionId=spec.versionId,
+        functionName=spec.name,
+        status=state.status.value,
         # A deployment being drained or torn down takes no new requests.
-        "deployed": deployment is not None and not deployment.draining and not deployment.removing,
-        "inferenceUrl": spec.inferenceUrl,
-        "specs": [
-            {
-                "gpu": s.gpu,
-                "instanceType": s.instanceType,
-                "backend": s.backend or s.clusterGroup,
-                "maxRequestConcurrency": s.maxRequestConcurrency,
-            }
+        deployed=deployment is not None and not deployment.draining and not deployment.removing,
+        inferenceUrl=spec.inferenceUrl,
+        specs=[
+            RouteSpec(
+                gpu=s.gpu,
+                instanceType=s.instanceType,
+                backend=s.backend or s.clusterGroup,
+                maxRequestConcurrency=s.maxRequestConcurrency,
+            )
             for s in specs
         ],
-        "instances": instances,
-        "routesVersion": state.routesVersion,
-        "rateLimit": spec.rateLimit or None,
-        "deploymentId": deployment.deploymentId if deployment is not None else None,
+        instances=instances,
+        routesVersion=state.routesVersion,
+        rateLimit=spec.rateLimit or None,
+        deploymentId=deployment.deploymentId if deployment is not None else None,
         # What `GET /v2/nvcf/deployments` lists besides the fields above, so the list is one
         # visibility call rather than a query per version.
-        "deployment": _deployment_listing(state),
-    }
+        deployment=_deployment_listing(state),
+    )
+    return entry.to_json()
 
 
 def _deployment_listing(state: VersionState) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from gpufn.contracts import LOAD_REPORT_SCHEMA, LoadReportBody, VersionLoadEntry
+
 MAX_TOMBSTONES = 10_000
 """Removed versions remembered for deltas; pollers further behind get a full report."""
 
@@ -38,7 +40,8 @@ class LoadReport:
         """Return the versions changed after generation `since` of `epoch`, or all when that is unknown.
 
         The reply has `epoch`, `generation`, `full` (whether `versions` holds every version), `versions`
-        (version ID -> load entry) and `removed` (version IDs gone since `since`; empty when full).
+        (version ID -> load entry) and `removed` (version IDs gone since `since`; empty when full): a
+        `gpufn.contracts.LoadReportBody`, as JSON.
         """
         self._refresh()
         full = (
@@ -51,13 +54,14 @@ class LoadReport:
             assert since is not None
             versions = {v: self._entries[v] for v, at in self._changed_at.items() if at > since}
             removed = [v for v, at in self._removed_at.items() if at > since]
-        return {
-            "epoch": self.epoch,
-            "generation": self._generation,
-            "full": full,
-            "versions": dict(versions),
-            "removed": removed,
-        }
+        return LoadReportBody(
+            schema_version=LOAD_REPORT_SCHEMA,
+            epoch=self.epoch,
+            generation=self._generation,
+            full=full,
+            versions={v: VersionLoadEntry.model_validate(entry) for v, entry in versions.items()},
+            removed=removed,
+        ).to_json(exclude_unset=True)
 
     def _refresh(self) -> None:
         """Compare the current load with the last report and stamp what changed with a new generation."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from api.gateway.rate_limit import RateLimit
 from api.gateway.upstream import Endpoint
+from gpufn.contracts import RouteEntry
 from workflows.models import INVOCABLE_STATUSES, FunctionStatus
 
 if TYPE_CHECKING:
@@ -173,8 +174,11 @@ class RouteTable:
         """Apply one version's route, as published by `workflows.routes.route_memo`.
 
         A route with a lower `routesVersion` than the one applied is stale and ignored; the same or a
-        higher one is applied, and lists again any instance dropped after a connection failure.
+        higher one is applied, and lists again any instance dropped after a connection failure. The
+        entry is read as a `gpufn.contracts.RouteEntry` of any schema version (an older or newer
+        publisher's, during a rolling upgrade).
         """
+        route = RouteEntry.parse(route).to_json()
         version_id = str(route["versionId"])
         routes_version = int(route.get("routesVersion", 0))
         version = self._versions.get(version_id)

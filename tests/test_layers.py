@@ -2,8 +2,8 @@
 
 Layers, bottom to top (docs/architecture.md, "Layers"):
 
-0. **domain**: pure models and policy, no I/O (`gpufn/autoscaling.py`, `gpufn/durations.py`,
-   `gpufn/cluster_groups.py`). Deterministic, so workflows may use them.
+0. **domain**: pure models and policy, no I/O (`gpufn/autoscaling/`, `gpufn/contracts.py`,
+   `gpufn/durations.py`, `gpufn/cluster_groups.py`). Deterministic, so workflows may use them.
 1. **workflows**: `workflows/`, deterministic workflow code and the data it carries.
 2. **adapters**: what touches the world: `activities/` (the backends, registry, watcher) and the shared
    infrastructure modules of `gpufn/` (settings read from the environment, secret sealing with random nonces,

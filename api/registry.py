@@ -67,15 +67,18 @@ _LEGACY_NOT_FOUND_TYPES = frozenset({"LookupError"})
 """What workers older than the declared errors raised for "not found" (Python class names)."""
 
 
-def refusal_problem(err: WorkflowUpdateFailedError) -> ProblemError:
+def refusal_problem(err: WorkflowUpdateFailedError, missing: ProblemError | None = None) -> ProblemError:
     """Return the problem an update refused by the workflow becomes: the one place this is decided.
 
     The workflow declares each refusal with an `ApplicationError` type (`workflows.errors`): "no such
-    thing" types are a 404, every other refusal a 400 carrying the workflow's text.
+    thing" types are a 404, every other refusal a 400 carrying the workflow's text. `missing` is the
+    API's own 404 for the version (NVCF's words), answered for `VersionNotFound`.
     """
     cause = err.cause
     if not isinstance(cause, ApplicationError):
         return ProblemError(400, str(cause))
+    if cause.type == errors.VERSION_NOT_FOUND and missing is not None:
+        return missing
     if cause.type in errors.NOT_FOUND_TYPES or cause.type in _LEGACY_NOT_FOUND_TYPES:
         return ProblemError(404, cause.message)
     return ProblemError(400, cause.message)
@@ -243,6 +246,37 @@ class FunctionRegistry:
             raise refusal_problem(err) from err
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
+                raise not_found(function_id, version_id, account) from err
+            raise
+        return view.state
+
+    async def deploy(
+        self, account: str, function_id: str, version_id: str, request: DeployRequest
+    ) -> VersionState:
+        """Deploy a version in one round trip to Temporal: the `deploy` update, whose validator checks
+        that the version is the account's and live (no describe first), and whose answer is the state.
+
+        A refusal becomes the same problem the describe-then-update path answered: 404 for a version the
+        account does not have (or that is deleted), else the workflow's 400.
+        """
+        request = request.model_copy(
+            update={
+                "accountId": account,
+                "deployTimeoutSeconds": (
+                    request.deployTimeoutSeconds
+                    if request.deployTimeoutSeconds is not None
+                    else self._deploy_timeout
+                ),
+            }
+        )
+        try:
+            view: VersionView = await self.handle(function_id, version_id).execute_update(
+                FunctionVersionWorkflow.deploy, request
+            )
+        except WorkflowUpdateFailedError as err:
+            raise refusal_problem(err, not_found(function_id, version_id, account)) from err
+        except RPCError as err:
+            if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
                 raise not_found(function_id, version_id, account) from err
             raise
         return view.state

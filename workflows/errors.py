@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from temporalio.exceptions import ApplicationError
 
+VERSION_NOT_FOUND = "VersionNotFound"
+"""The caller's account has no such live version (HTTP 404, in NVCF's words, which the API knows)."""
 VERSION_DELETED = "VersionDeleted"
 """The version is deleted (or being deleted): nothing about it can change any more (HTTP 404)."""
 NOT_DEPLOYED = "NotDeployed"
@@ -23,7 +25,7 @@ INVALID_DEPLOYMENT = "InvalidDeployment"
 PERMANENT_FAULT = "PermanentFault"
 """An activity met a fault that no retry can repair (a command line that cannot be split, a bad field)."""
 
-NOT_FOUND_TYPES = frozenset({VERSION_DELETED, NOT_DEPLOYED})
+NOT_FOUND_TYPES = frozenset({VERSION_NOT_FOUND, VERSION_DELETED, NOT_DEPLOYED})
 """Refusals that mean "no such thing" rather than "not now"."""
 
 

@@ -250,7 +250,19 @@ class FunctionVersionWorkflow(VersionSteps):
 
     @deploy.validator
     def _validate_deploy(self, request: DeployRequest) -> None:
+        state = self._state
+        if request.accountId is not None and (
+            request.accountId != state.spec.ncaId
+            or state.deleted
+            or state.deleteRequested
+            or state.status == FunctionStatus.DELETED
+        ):
+            raise errors.refused(errors.VERSION_NOT_FOUND, "The function version is not found.")
         self._reject_if_deleted()
+        if not state.spec.helmChart and any(s.configuration for s in request.specifications):
+            raise errors.refused(
+                errors.INVALID_DEPLOYMENT, "configuration is only allowed for Helm-chart functions"
+            )
         status = self._state.status
         if status == FunctionStatus.ERROR:
             raise errors.refused(

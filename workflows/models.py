@@ -235,6 +235,10 @@ class DeployRequest(BaseModel):
     """How long the deployment may stay DEPLOYING (the API's `GPUFN_DEPLOY_TIMEOUT`); None: 900 s.
 
     It travels in the update, so it is recorded in the history and the workflow stays deterministic."""
+    accountId: str | None = None
+    """The caller's account. The validator refuses (`VersionNotFound`) a version that is not this account's
+    or is deleted, so the API deploys in one round trip, without reading the version first. None (an
+    older API, which read it first): not checked."""
 
 
 class UpdateDeploymentRequest(BaseModel):

@@ -87,14 +87,17 @@ def deployment_json(state: VersionState) -> dict[str, Any]:
 
 def _specifications(
     request: DeploymentRequest,
-    spec: FunctionVersionSpec,
+    spec: FunctionVersionSpec | None,
     context: AppContext,
     existing: list[DeploymentSpecification],
 ) -> list[DeploymentSpecification]:
-    """Validate the requested specs against the version and the cluster groups; return them resolved."""
+    """Validate the requested specs against the version and the cluster groups; return them resolved.
+
+    Without the version (`spec` None: a deploy, whose workflow checks the rest) only the placement.
+    """
     specs = []
     for index, item in enumerate(request.deploymentSpecifications):
-        if item.configuration and not spec.helmChart:
+        if spec is not None and item.configuration and not spec.helmChart:
             raise ProblemError(400, "configuration is only allowed for Helm-chart functions")
         try:
             group = context.cluster_groups.resolve(item.gpu, item.instanceType, item.backend, item.clusters)
@@ -128,14 +131,19 @@ async def create_deployment(
     principal: Deployer,
     context: Context,
 ) -> dict[str, Any]:
-    """Deploy a version."""
-    current = await context.registry.describe(principal.account, function_id, version_id)
-    specs = _specifications(body, current.spec, context, [])
-    state = await context.registry.update(
+    """Deploy a version: one round trip to Temporal (the `deploy` update checks the version itself)."""
+    try:
+        specs = _specifications(body, None, context, [])
+    except ProblemError:
+        # A version the account does not have is a 404 before any fault of the request, as when the
+        # version was read first: only this failing path reads it, to answer the same.
+        current = await context.registry.describe(principal.account, function_id, version_id)
+        _specifications(body, current.spec, context, [])
+        raise
+    state = await context.registry.deploy(
         principal.account,
         function_id,
         version_id,
-        FunctionVersionWorkflow.deploy,
         DeployRequest(deploymentId=str(uuid.uuid4()), specifications=specs, requestedAt=datetime.now(UTC)),
     )
     await _publish_route(context, state)

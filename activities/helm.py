@@ -39,22 +39,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyhelm3
 from pyhelm3 import errors as helm_errors
 from temporalio.exceptions import ApplicationError
 
 from activities.kube.cluster import Cluster
 from activities.kube.config import HelmSettings, KubeSettings
+from activities.kube.helm_cli import HelmCli
 from activities.kube.informer import Informer
 from activities.kube.names import VERSION_LABEL, label_value
 from activities.kube.placement import instance_gpus
@@ -93,12 +89,10 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
-HELM_HOMES = {"HELM_CACHE_HOME": "cache", "HELM_CONFIG_HOME": "config", "HELM_DATA_HOME": "data"}
 FENCE_SECONDS = 5.0
 """How long ensure_instances waits for the pods to show the new count, so its answer is never stale."""
 NAMESPACE_GONE_SECONDS = 60.0
 """How long teardown waits for a release namespace to disappear (its pods are gone well before)."""
-POLL_SECONDS = 0.25
 EXECUTOR_THREADS = 8
 
 
@@ -123,15 +117,13 @@ class HelmBackend:
     ) -> None:
         self._cluster = Cluster(kubeconfig, name, EXECUTOR_THREADS, "helm")
         self.cluster_group = self._cluster.name
-        self._kubeconfig = kubeconfig
         self._resolver = resolver
         self._settings = settings
         self._helm_settings = helm
         self._core = self._cluster.core
         self._call = self._cluster.call
         self._run = self._cluster.run
-        self._helm: pyhelm3.Client | None = None
-        self._helm_problem = "the Helm backend is not started"
+        self._helm = HelmCli(kubeconfig, resolver, helm, self.cluster_group)
         self._wakeups = Wakeups()
         self._releases = Informer(
             self._core.list_namespace,
@@ -145,37 +137,13 @@ class HelmBackend:
         self._seen: set[str] = set()
         """Release namespaces observed alive (and not yet dropped)."""
         self._services: dict[str, ServiceTarget] = {}
-        self._chart_locks: dict[str, asyncio.Lock] = {}
 
     # --- Lifecycle of the backend itself ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Find helm, give it private homes, and start watching release namespaces (without waiting).
-
-        pyhelm3 runs helm with the worker's own environment (it takes no other), so helm's homes are set
-        there, unless the operator set them.
-        """
+        """Find helm (`HelmCli.start`) and start watching release namespaces (without waiting)."""
         self._wakeups.bind(asyncio.get_running_loop())
-        home = self._helm_settings.home
-        for variable, sub in HELM_HOMES.items():
-            os.environ.setdefault(variable, str(home / sub))
-        executable = self._helm_settings.executable or shutil.which("helm")
-        if executable is None:
-            self._helm_problem = "helm is not installed on this worker (set GPUFN_HELM_EXECUTABLE)"
-            log.warning(
-                "Helm-chart functions disabled on cluster %s: %s", self.cluster_group, self._helm_problem
-            )
-        else:
-            try:
-                self._helm = await asyncio.to_thread(
-                    pyhelm3.Client,
-                    executable=executable,
-                    kubeconfig=self._kubeconfig,
-                    default_timeout=f"{int(self._helm_settings.timeout_seconds)}s",
-                )
-            except (AssertionError, OSError, ValueError, subprocess.CalledProcessError) as err:
-                self._helm_problem = f"helm at {executable} does not work: {err}"
-                log.warning("Helm-chart functions disabled on cluster %s: %s", self.cluster_group, err)
+        await self._helm.start()
         self._releases.start()
 
     async def close(self) -> None:
@@ -194,13 +162,13 @@ class HelmBackend:
             ApplicationError: Non-retryable when the chart is missing, does not render (Helm's message), or
                 renders no Service that can serve the function.
         """
-        helm = self._require_helm()
+        helm = self._helm.require()
         spec = request.spec
         if not spec.helmChart or not spec.helmChartServiceName:
             raise invalid_chart("A Helm-chart function needs helmChart and helmChartServiceName")
         gpus = instance_gpus(self.cluster_group, request.deploymentSpec)[1]
         pinned = (await self._resolver.resolve_chart(spec.helmChart)).pinned
-        chart = await self._chart(helm, pinned)
+        chart = await self._helm.chart(pinned)
         ref, dspec = request.ref, request.deploymentSpec
         values = self._values(spec, dspec, max(1, dspec.minInstances))
         try:
@@ -224,7 +192,7 @@ class HelmBackend:
         Idempotent: a retry finds the namespace there, the pods gone, and the release deployed with the same
         chart and values (left alone), or left pending by a dead attempt (uninstalled or rolled back first).
         """
-        helm = self._require_helm()
+        helm = self._helm.require()
         ref, spec = request.ref, request.spec
         release = self._release_of(spec, ref, request.specIndex)
         await self._cluster.wait_synced(self._releases, "its release namespaces")
@@ -241,7 +209,7 @@ class HelmBackend:
             request.prepared.resolvedChart
             or (await self._resolver.resolve_chart(spec.helmChart or "")).pinned
         )
-        chart = await self._chart(helm, pinned)
+        chart = await self._helm.chart(pinned)
         values = self._values(spec, request.deploymentSpec, request.count)
         try:
             await helm.ensure_release(
@@ -250,7 +218,7 @@ class HelmBackend:
                 values,
                 namespace=release.namespace,
                 create_namespace=False,
-                timeout=f"{int(self._helm_settings.timeout_seconds)}s",
+                timeout=self._helm.timeout,
                 wait=False,
             )
         except helm_errors.Error as err:
@@ -316,27 +284,17 @@ class HelmBackend:
             release = Release.of(namespace)
             name = namespace["metadata"]["name"]
             self._services.pop(str(namespace["metadata"].get("uid") or ""), None)
-            if release is not None and not release.terminating and self._helm is not None:
-                await self._uninstall(self._helm, release)
+            if release is not None and not release.terminating and self._helm.client is not None:
+                await self._helm.uninstall(release)
             await self._run(self._call, "delete a namespace", self._core.delete_namespace, name, ok=(404,))
             log.info("Deleted release namespace %s of cluster %s", name, self.cluster_group)
         for namespace in namespaces:
-            await self._wait_gone(namespace["metadata"]["name"])
+            await self._cluster.wait_namespace_gone(namespace["metadata"]["name"], NAMESPACE_GONE_SECONDS)
         for namespace in namespaces:
             await self._drop_namespace(namespace["metadata"]["name"])
         self._wakeups.forget(key)
 
     # --- Helpers: helm ------------------------------------------------------------------------------
-
-    def _require_helm(self) -> pyhelm3.Client:
-        if self._helm is None:
-            raise ApplicationError(
-                f"Helm-chart functions cannot run on cluster group '{self.cluster_group}': "
-                f"{self._helm_problem}",
-                type="HelmUnavailable",
-                non_retryable=True,
-            )
-        return self._helm
 
     def _release_of(self, spec: FunctionVersionSpec, ref: VersionRef, spec_index: int) -> Release:
         if not spec.helmChart or not spec.helmChartServiceName:
@@ -348,48 +306,6 @@ class HelmBackend:
             service=spec.helmChartServiceName,
             port=spec.serving_port,
         )
-
-    async def _chart(self, helm: pyhelm3.Client, pinned: str) -> pyhelm3.Chart:
-        """Return the pinned chart, downloaded (and verified) once per worker into the chart cache."""
-        key = hashlib.sha256(pinned.encode()).hexdigest()[:32]
-        directory = self._helm_settings.home / "charts" / key
-        async with self._chart_locks.setdefault(key, asyncio.Lock()):
-            archives = sorted(directory.glob("*.tgz")) if directory.is_dir() else []
-            if not archives:
-                staging = directory.with_name(f"{key}.partial")
-                await asyncio.to_thread(shutil.rmtree, staging, True)
-                await asyncio.to_thread(staging.mkdir, parents=True)
-                await self._resolver.fetch_chart(pinned, staging)
-                # Renamed whole, so a worker killed mid-download leaves no half chart in the cache. Another
-                # worker sharing the home may have won the race: its copy is the same verified chart.
-                try:
-                    await asyncio.to_thread(staging.rename, directory)
-                except OSError:
-                    await asyncio.to_thread(shutil.rmtree, staging, True)
-                archives = sorted(directory.glob("*.tgz"))
-        try:
-            return await helm.get_chart(archives[0])
-        except helm_errors.Error as err:
-            raise helm_error(err, f"read the chart {pinned}") from err
-
-    async def _uninstall(self, helm: pyhelm3.Client, release: Release) -> None:
-        """Uninstall a release (gone already counts); a permanent failure falls back to no hooks."""
-        timeout = f"{int(self._helm_settings.timeout_seconds)}s"
-        try:
-            await helm.uninstall_release(release.name, namespace=release.namespace, timeout=timeout)
-            return
-        except helm_errors.Error as err:
-            failure = helm_error(err, f"uninstall release {release.name}")
-            if not failure.non_retryable:
-                raise failure from err
-            log.warning("%s; uninstalling without hooks", failure.message)
-        try:
-            await helm.uninstall_release(
-                release.name, namespace=release.namespace, timeout=timeout, no_hooks=True
-            )
-        except helm_errors.Error as err:
-            # Deleting the namespace still removes the release and everything in it.
-            log.warning("%s; deleting its namespace regardless", helm_error(err, "uninstall").message)
 
     # --- Helpers: objects ---------------------------------------------------------------------------
 
@@ -435,18 +351,6 @@ class HelmBackend:
         if release.uid:
             self._services[release.uid] = target
         return target
-
-    async def _wait_gone(self, namespace: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + NAMESPACE_GONE_SECONDS
-        while loop.time() < deadline:
-            found = await self._run(
-                self._call, "read a namespace", self._core.read_namespace, namespace, ok=(404,)
-            )
-            if found is None:
-                return
-            await asyncio.sleep(POLL_SECONDS)
-        log.warning("Namespace %s of cluster %s is still being deleted", namespace, self.cluster_group)
 
     async def _fence(self, release: Release, pods: Informer, removed: set[str], count: int) -> None:
         """Wait (briefly) until the watched pods show the removed pods gone and `count` instances.

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import shlex
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +46,14 @@ from activities.kube.manifests import deployment_manifest, namespace_manifest
 from activities.kube.names import (
     MANAGED_SELECTOR,
     MERGE_PATCH,
-    ROLE_LABEL,
-    ROLE_RELEASED,
-    VERSION_LABEL,
     deployment_name,
     label_value,
     namespace_name,
     version_selector,
 )
 from activities.kube.placement import gpu_products, instance_gpus
-from activities.kube.pods import parse_time, scheduler_decided, view_pod
+from activities.kube.pods import scheduler_decided, view_pod
+from activities.kube.removal import delete_version_objects, force_delete_stuck, release_pods
 from activities.kube.secrets import open_secrets, refresh_secret, secret_manifest
 from activities.kube.wakeups import Wakeups
 from gpufn.kube_inventory import (
@@ -79,8 +77,6 @@ JSON = dict[str, Any]
 FENCE_SECONDS = 5.0
 """How long ensure_instances waits for the watch to show its own changes, so its answer is never stale."""
 POLL_SECONDS = 0.25
-FORCE_DELETE_AFTER_SECONDS = 60.0
-"""A pod still terminating this long after its grace period ended has lost its node: delete it by force."""
 EXECUTOR_THREADS = 16
 
 
@@ -183,7 +179,7 @@ class KubernetesBackend:
         name = deployment_name(ref.versionId, request.specIndex)
         await self._cluster.wait_synced(self._informer, "its pods")
         await self._ensure_namespace(namespace)
-        released = await self._run(self._release_pods, namespace, ref.versionId, request.remove)
+        released = await self._run(release_pods, self._cluster, namespace, ref.versionId, request.remove)
         current = await self._run(
             self._call, "read a Deployment", self._apps.read_namespaced_deployment, name, namespace, ok=(404,)
         )
@@ -220,7 +216,7 @@ class KubernetesBackend:
         """Delete every object of the version; return once no pod of it is left."""
         namespace = namespace_name(self._settings.namespace_prefix, ref.accountId)
         selector = version_selector(ref.versionId)
-        await self._run(self._delete_controllers, namespace, selector)
+        await self._run(delete_version_objects, self._cluster, namespace, selector)
         while True:
             pods = await self._run(
                 self._call,
@@ -235,7 +231,7 @@ class KubernetesBackend:
                 break
             if any(not p["metadata"].get("deletionTimestamp") for p in items):
                 # Pods the ReplicaSet made before it went, or released pods a crashed worker left.
-                await self._run(self._delete_controllers, namespace, selector)
+                await self._run(delete_version_objects, self._cluster, namespace, selector)
                 await self._run(
                     self._call,
                     "delete pods",
@@ -244,7 +240,7 @@ class KubernetesBackend:
                     label_selector=selector,
                     ok=(404,),
                 )
-            await self._run(self._force_delete_stuck, namespace, items)
+            await self._run(force_delete_stuck, self._cluster, namespace, items)
             await asyncio.sleep(POLL_SECONDS)
         self._wakeups.forget(label_value(ref.versionId))
         self._details.forget(ref.versionId)
@@ -348,66 +344,6 @@ class KubernetesBackend:
             _content_type=MERGE_PATCH,
         )
         log.info("Deployment %s/%s of cluster %s: %s replicas", namespace, name, self.cluster_group, replicas)
-
-    def _release_pods(self, namespace: str, version_id: str, names: list[str]) -> list[str]:
-        """Take the named pods of the version out of their ReplicaSet; return those that exist."""
-        released = []
-        for pod_name in names:
-            pod = self._call("read a pod", self._core.read_namespaced_pod, pod_name, namespace, ok=(404,))
-            if pod is None:
-                continue
-            labels = pod["metadata"].get("labels") or {}
-            if labels.get(VERSION_LABEL) != label_value(version_id):
-                log.warning("Not removing pod %s/%s: not of version %s", namespace, pod_name, version_id)
-                continue
-            if labels.get(ROLE_LABEL) != ROLE_RELEASED:
-                patched = self._call(
-                    "release a pod",
-                    self._core.patch_namespaced_pod,
-                    pod_name,
-                    namespace,
-                    {"metadata": {"labels": {ROLE_LABEL: ROLE_RELEASED}}},
-                    _content_type=MERGE_PATCH,
-                    ok=(404,),
-                )
-                if patched is None:
-                    continue
-            released.append(pod_name)
-        return released
-
-    def _force_delete_stuck(self, namespace: str, pods: list[JSON]) -> None:
-        """Force the deletion of pods terminating long past their grace period (their node is gone)."""
-        now = datetime.now(UTC)
-        for pod in pods:
-            meta = pod["metadata"]
-            due = parse_time(meta.get("deletionTimestamp"))
-            if due is not None and now > due + timedelta(seconds=FORCE_DELETE_AFTER_SECONDS):
-                log.warning("Pod %s/%s is stuck terminating: deleting it by force", namespace, meta["name"])
-                self._call(
-                    "force the deletion of a pod",
-                    self._core.delete_namespaced_pod,
-                    meta["name"],
-                    namespace,
-                    grace_period_seconds=0,
-                    ok=(404,),
-                )
-
-    def _delete_controllers(self, namespace: str, selector: str) -> None:
-        """Delete the version's Deployments, ReplicaSets and Secrets; their pods go with them."""
-        for action, fn in (
-            ("delete Deployments", self._apps.delete_collection_namespaced_deployment),
-            ("delete ReplicaSets", self._apps.delete_collection_namespaced_replica_set),
-        ):
-            self._call(
-                action, fn, namespace, label_selector=selector, propagation_policy="Background", ok=(404,)
-            )
-        self._call(
-            "delete Secrets",
-            self._core.delete_collection_namespaced_secret,
-            namespace,
-            label_selector=selector,
-            ok=(404,),
-        )
 
     async def _fence(self, version_id: str, spec_index: int, released: list[str], count: int) -> None:
         """Wait (briefly) until the watch shows what was just done, and the scheduler's verdict on new pods.

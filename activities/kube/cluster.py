@@ -113,6 +113,19 @@ class Cluster:
         )
         return created
 
+    async def wait_namespace_gone(self, namespace: str, within_seconds: float, poll: float = 0.25) -> None:
+        """Wait until a deleted namespace is gone, at most `within_seconds` (then say so and return)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_seconds
+        while loop.time() < deadline:
+            found = await self.run(
+                self.call, "read a namespace", self.core.read_namespace, namespace, ok=(404,)
+            )
+            if found is None:
+                return
+            await asyncio.sleep(poll)
+        log.warning("Namespace %s of cluster %s is still being deleted", namespace, self.name)
+
     async def prepare_namespace(self, namespace: str, settings: KubeSettings) -> None:
         """Make a namespace gpufn created ready for function pods, and hardened (idempotent).
 

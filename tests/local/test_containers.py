@@ -9,12 +9,11 @@ from __future__ import annotations
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from activities.local.containers import podman_command, podman_env
-from tests.conftest import Stack, cpu_spec, echo_function, eventually, running_stack
+from tests.conftest import Stack, cpu_spec, eventually, running_stack
 from tests.lifecycle.helpers import (
     create,
     deploy,
@@ -24,7 +23,7 @@ from tests.lifecycle.helpers import (
     wait_running,
     wait_status,
 )
-from tests.local.images import containers_unavailable, local_registry
+from tests.local.images import container_function, containers_unavailable, local_registry
 
 pytestmark = pytest.mark.skipif(
     containers_unavailable() is not None, reason=f"containers cannot run here: {containers_unavailable()}"
@@ -45,14 +44,6 @@ async def stack(
         temporal_address, tmp_path_factory.mktemp("gpufn-home"), local_runtime="podman"
     ) as running:
         yield running
-
-
-def container_function(registry: str, name: str, image: str = "echo:1", **overrides: Any) -> dict[str, Any]:
-    """Return a create-function body that runs `image` from the test registry as it is (no containerArgs)."""
-    body = echo_function(name, containerImage=f"{registry}/{image}")
-    del body["containerArgs"]
-    body.update(overrides)
-    return body
 
 
 def containers_of(stack: Stack) -> set[str]:

@@ -93,11 +93,12 @@ class SlotAllocator:
             instanceAddress=str(base + 2),
         )
 
-    def claim(self) -> Slot:
-        """Claim a free slot and set up its namespace and veth pair."""
+    def claim(self, preferred: int | None = None) -> Slot:
+        """Claim a free slot (slot `preferred` when it is free) and set up its namespace and veth pair."""
         self._ensure_firewall()
-        for _ in range(SLOT_ATTEMPTS):
-            slot = self.slot(random.randrange(self._slots))
+        for attempt in range(SLOT_ATTEMPTS):
+            index = preferred if attempt == 0 and preferred is not None else random.randrange(self._slots)
+            slot = self.slot(index % self._slots)
             peer = f"gfi{slot.index}"
             if _ip("link", "add", slot.hostVeth, "type", "veth", "peer", "name", peer).returncode != 0:
                 continue  # taken by another instance, of this stack or another one

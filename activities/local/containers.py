@@ -108,6 +108,28 @@ def remove_containers_now(home: Path, names: list[str], grace: float) -> None:
         )
 
 
+def remove_state_if_unused(home: Path) -> bool:
+    """Delete the stack's tmpfs container state once it holds no container; return whether it did.
+
+    Images stay (on disk); the next worker makes a new, empty state.
+    """
+    state = container_state_dir(home)
+    if not state.is_dir() or shutil.which("podman") is None:
+        return False
+    listed = subprocess.run(
+        [*podman_command(home), "ps", "--all", "--quiet"],
+        env=podman_env(home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=PODMAN_TIMEOUT_SECONDS,
+    )
+    if listed.returncode != 0 or listed.stdout.strip():
+        return False
+    shutil.rmtree(state, ignore_errors=True)
+    return True
+
+
 class PodmanRunner:
     """Pulls images and runs, inspects and removes the instance containers of one stack."""
 
@@ -290,12 +312,16 @@ class PodmanRunner:
             )
             return
         pid, exit_code = self._main_pid(name)
-        if pid is None:
+        started = proc_start_time(pid) if pid is not None else None
+        if pid is None or started is None:
+            # Exited already (between `run` and `inspect`, or before its start time could be read).
+            if pid is not None:
+                exit_code = self._wait(name)
             instance.status = InstanceStatus.ERRORED.value
             instance.error = f"Instance {instance.instanceId} exited with code {exit_code} at once"
             return
         instance.pid = pid
-        instance.procStart = proc_start_time(pid)
+        instance.procStart = started
         instance.startedAt = datetime.now(UTC).isoformat()
         instance.error = None
         log.info(
@@ -319,6 +345,21 @@ class PodmanRunner:
         )
         pid, _, code = done.stdout.strip().partition(" ")
         return (int(pid) or None if pid.isdigit() else None), code or "unknown"
+
+    def _wait(self, name: str) -> str:
+        """Return the exit code of a container whose main process is gone (podman records it soon)."""
+        try:
+            done = subprocess.run(
+                [*self._containers(), "wait", name],
+                env=self._podman_env(),
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=PODMAN_TIMEOUT_SECONDS,
+            )
+        except subprocess.TimeoutExpired:
+            return "unknown"
+        return done.stdout.strip() or "unknown"
 
     async def exit_code(self, instance: LocalInstance) -> int | None:
         """Return the exit code of the instance's container, if it exited and podman still knows it."""

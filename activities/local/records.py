@@ -65,6 +65,8 @@ class LocalInstance:
     """The isolation slot (uid, namespace, addresses) when the instance is isolated."""
     privateDir: str | None = None
     stoppedWithStack: bool = False
+    lastSlotIndex: int | None = None
+    """The slot it held before the stack stopped: claimed again first, so its address stays the same."""
     runtime: str = PROCESS_RUNTIME
     """`process` or `podman` (docs/operations.md, Security)."""
     image: str | None = None
@@ -149,7 +151,9 @@ def delete_record(directory: Path, instance_id: str) -> None:
 def release(instance: LocalInstance) -> None:
     """Free what an instance held besides its process: its slot and its private directory."""
     if instance.slot is not None:
-        release_slot(Slot(**instance.slot))
+        slot = Slot(**instance.slot)
+        release_slot(slot)
+        instance.lastSlotIndex = slot.index
         instance.slot = None
     if instance.privateDir is not None:
         remove_private_dir(Path(instance.privateDir))

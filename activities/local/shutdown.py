@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from activities.isolation import SLOTS_DIR, reap_unrecorded, remove_firewall_if_unused
-from activities.local.containers import remove_containers_now
+from activities.local.containers import remove_containers_now, remove_state_if_unused
 from activities.local.process import stop_processes
 from activities.local.records import (
     CONTAINER_RUNTIME,
@@ -30,9 +30,11 @@ def stop_recorded_instances(home: Path, grace_seconds: float = STOP_GRACE_SECOND
     records = load_records(home / "instances")
     alive = [r for r in records if is_alive(r)]
     stop_processes([r for r in alive if r.runtime != CONTAINER_RUNTIME], grace_seconds)
-    remove_containers_now(
-        home, [r.container_name for r in records if r.runtime == CONTAINER_RUNTIME], grace_seconds
-    )
+    containers = [r.container_name for r in records if r.runtime == CONTAINER_RUNTIME]
+    if containers:
+        remove_containers_now(home, containers, grace_seconds)
+        # The containers' storage is memory (tmpfs): give it back when the stack stops.
+        remove_state_if_unused(home)
     for record in records:
         if record.status != InstanceStatus.ERRORED.value:
             # Not a fault of the function: the next worker starts it again, under the same id.

@@ -247,7 +247,7 @@ class LocalSupervisor:
             for instance in surplus[: max(0, len(live) - request.count)]:
                 await self._remove(instance)
             for _ in range(request.count - len(live)):
-                self._create(request)
+                await self._create(request)
             self._notify(request.ref.versionId)
 
     async def remove_version(self, versionId: str) -> None:
@@ -262,7 +262,7 @@ class LocalSupervisor:
         async with self._lock:
             await asyncio.gather(*(self._remove(i) for i in list(self._instances.values())))
 
-    def _create(self, request: EnsureInstancesInput) -> LocalInstance:
+    async def _create(self, request: EnsureInstancesInput) -> LocalInstance:
         spec, dspec = request.spec, request.deploymentSpec
         runtime = self.runtime_for(spec)
         if runtime == PROCESS_RUNTIME and not spec.containerArgs:
@@ -301,25 +301,28 @@ class LocalSupervisor:
         self._instances[instance_id] = instance
         # Recorded before it starts: a worker killed while it starts leaves a record the next one adopts.
         self._save(instance)
-        self._try_launch(instance)
+        await self._try_launch(instance)
         self._save(instance)
         return instance
 
-    def _claim(self) -> Slot:
+    def _claim(self, preferred: int | None = None) -> Slot:
         assert self._slots is not None
         try:
-            slot = self._slots.claim()
+            slot = self._slots.claim(preferred)
         except OSError as err:
             raise ApplicationError(f"Could not isolate a new instance: {err}", type="NoAddress") from err
         record_claim(self._claims, slot)
         return slot
 
     def _readdress(self, instance: LocalInstance) -> None:
-        """Give an instance the stack stopped a new slot (its old one was freed with the stack)."""
+        """Give an instance the stack stopped a slot again (its old one was freed with the stack).
+
+        Its old slot, when still free, so its address (and the gateways' routes to it) stay the same.
+        """
         if self._slots is None:
             return
         try:
-            slot = self._claim()
+            slot = self._claim(instance.lastSlotIndex)
         except ApplicationError as err:
             instance.status = InstanceStatus.ERRORED.value
             instance.error = str(err)
@@ -403,7 +406,7 @@ class LocalSupervisor:
             "none free",
         )
 
-    def _try_launch(self, instance: LocalInstance) -> None:
+    async def _try_launch(self, instance: LocalInstance) -> None:
         fits, gpu_index, reason = self._gpu_for(instance)
         if not fits:
             instance.error = reason
@@ -422,7 +425,8 @@ class LocalSupervisor:
                 instance.status = InstanceStatus.ERRORED.value
                 instance.error = f"Containers cannot run here: {self.containers_unavailable}"
                 return
-            self._containers.launch(instance, env, gpu_index)
+            # podman takes a moment (up to a second here): off the event loop, which heartbeats and probes.
+            await asyncio.to_thread(self._containers.launch, instance, env, gpu_index)
             return
         env["CUDA_VISIBLE_DEVICES"] = "" if gpu_index is None else str(gpu_index)
         self._processes.launch(instance, env)
@@ -472,7 +476,7 @@ class LocalSupervisor:
             if instance.pid is None:
                 async with self._lock:
                     if instance.instanceId in self._instances:
-                        self._try_launch(instance)
+                        await self._try_launch(instance)
                         self._save(instance)
                         if instance.pid is not None or instance.status == InstanceStatus.ERRORED.value:
                             self._notify(instance.versionId)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from activities.local.containers import podman_command, podman_env
+from activities.local import stop_recorded_instances
+from activities.local.containers import container_state_dir, podman_command, podman_env
 from tests.conftest import Stack, cpu_spec, eventually, running_stack
 from tests.lifecycle.helpers import (
     create,
@@ -131,3 +132,30 @@ async def test_container_that_exits_ends_in_error_with_its_output(stack: Stack, 
     [info] = body["healthInfo"]
     assert "exited with code 3" in info["error"], info
     assert "model weights missing" in info["error"], info
+
+
+async def test_stack_stop_frees_containers_and_the_next_worker_starts_them_again(
+    stack: Stack, registry: str
+) -> None:
+    function = await create(stack, container_function(registry, "container-restart"))
+    await deploy(stack, function, cpu_spec())
+    await wait_running(stack, function, 1, timeout=60)
+    [record] = instance_records(stack, function)
+
+    # What `make up` does on Ctrl-C: the worker goes, then every instance is stopped.
+    stack.kill_worker()
+    stop_recorded_instances(stack.settings.home, grace_seconds=2)
+    # The containers' storage was memory: nothing of it is left (images stay on disk).
+    assert not container_state_dir(stack.settings.home).exists()
+    assert not containers_of(stack)  # (podman makes an empty storage again to answer)
+    assert record["slot"]["netns"] not in netns_names()
+
+    stack.restart_worker()
+    await wait_running(stack, function, 1, timeout=60)
+    [again] = instance_records(stack, function)
+    assert again["instanceId"] == record["instanceId"] and again["pid"] != record["pid"]
+    # Its slot was free again: same address, so the gateways' routes to it still hold.
+    assert again["host"] == record["host"]
+    await wait_status(stack, function, "ACTIVE", timeout=60)
+    answer = await stack.http.post(pexec(function), json={"after": "stack restart"})
+    assert answer.status_code == 200 and answer.json() == {"after": "stack restart"}, answer.text

@@ -79,7 +79,7 @@ class SlotAllocator:
         self._slots = self._network.num_addresses // 4
         self._uid_base = uid_base
         self._claims = claims
-        self._firewall_done = False
+        self._firewall_warned = False
 
     def slot(self, index: int) -> Slot:
         """Return slot `index` (without claiming it)."""
@@ -124,12 +124,15 @@ class SlotAllocator:
         release_slot(slot)
 
     def _ensure_firewall(self) -> None:
-        """Drop new connections from instances to this host (replies to the host's own connections pass)."""
-        if self._firewall_done:
-            return
-        self._firewall_done = True
+        """Drop new connections from instances to this host (replies to the host's own connections pass).
+
+        Checked at every claim, not once: another stack on the machine may have removed the rules when it
+        stopped with no instance left (`remove_firewall_if_unused`).
+        """
         if shutil.which("iptables") is None:
-            log.warning("iptables not found: instances can reach host services bound to every address")
+            if not self._firewall_warned:
+                log.warning("iptables not found: instances can reach host services bound to every address")
+            self._firewall_warned = True
             return
         source = str(self._network)
         if self._claims is not None:

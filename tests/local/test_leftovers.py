@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from activities.isolation import SLOTS_DIR, SlotAllocator, record_claim, unavailable_reason
+from activities.isolation import (
+    HOST_PREFIX,
+    SLOTS_DIR,
+    SlotAllocator,
+    record_claim,
+    remove_firewall_if_unused,
+    unavailable_reason,
+)
 from activities.local import LocalSupervisor, stop_recorded_instances
 from gpufn.sealing import SecretBox
 from tests.conftest import Stack, cpu_spec, echo_function, running_stack
@@ -81,3 +88,32 @@ async def test_stack_stop_leaves_no_namespace_or_veth(stack: Stack) -> None:
     assert not list((stack.settings.home / SLOTS_DIR).glob("*.json"))
     # Marked for a restart by the next worker, which claims new slots.
     assert all(r["stoppedWithStack"] and r["slot"] is None for r in instance_records(stack, function))
+
+
+def input_rules(network: str) -> list[str]:
+    listing = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines() if f"-s {network}" in line]
+
+
+def test_firewall_rules_are_added_once_and_removed_when_no_instance_is_left(tmp_path: Path) -> None:
+    # A network of its own, so this test's rules are told apart from those of stacks running alongside.
+    network = "10.251.7.0/28"
+    claims = tmp_path / SLOTS_DIR
+    first, second = SlotAllocator(network, 1_650_000, claims), SlotAllocator(network, 1_650_000, claims)
+    slots = [first.claim(), second.claim(), first.claim()]
+    try:
+        # Set-up is idempotent: one DROP and one ACCEPT rule, however many claims and allocators.
+        assert len(input_rules(network)) == 2, input_rules(network)
+    finally:
+        for slot in slots:
+            first.release(slot)
+    removed = remove_firewall_if_unused(claims)
+    # Stacks running alongside this test may hold instances: then the rules must stay (theirs share
+    # the mechanism), and this test removes its own.
+    others = any(name.startswith(HOST_PREFIX) for name in link_names())
+    assert removed is not others
+    if removed:
+        assert input_rules(network) == []
+    else:
+        for rule in input_rules(network):
+            subprocess.run(["iptables", *rule.replace("-A", "-D", 1).split()], check=True)

@@ -126,8 +126,22 @@ def remove_state_if_unused(home: Path) -> bool:
     )
     if listed.returncode != 0 or listed.stdout.strip():
         return False
+    # The overlay driver bind-mounts its directory onto itself; unmounted first, deepest first.
+    for point in sorted(_mounts_under(state), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, check=False)
     shutil.rmtree(state, ignore_errors=True)
-    return True
+    return not state.exists()
+
+
+def _mounts_under(directory: Path) -> list[str]:
+    """Return the mount points at or below `directory`."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    prefix = str(directory)
+    points = [line.split()[4] for line in lines if len(line.split()) > 4]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
 class PodmanRunner:

@@ -33,8 +33,8 @@ def stop_recorded_instances(home: Path, grace_seconds: float = STOP_GRACE_SECOND
     containers = [r.container_name for r in records if r.runtime == CONTAINER_RUNTIME]
     if containers:
         remove_containers_now(home, containers, grace_seconds)
-        # The containers' storage is memory (tmpfs): give it back when the stack stops.
-        remove_state_if_unused(home)
+    # The containers' storage is memory (tmpfs): give it back when the stack stops.
+    remove_state_if_unused(home)
     for record in records:
         if record.status != InstanceStatus.ERRORED.value:
             # Not a fault of the function: the next worker starts it again, under the same id.

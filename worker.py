@@ -82,19 +82,22 @@ async def build_worker(
         instance_network=settings.local_instance_network,
         uid_base=settings.local_instance_uid_base,
         private_root=settings.local_instance_dir,
+        runtime=settings.local_runtime,
+        oci_runtime=settings.local_oci_runtime,
+        registry=RegistryConfig.from_settings(settings),
     )
     await supervisor.start()
-    backends: dict[str, Backend] = {LOCAL_CLUSTER_GROUP: LocalBackend(supervisor)}
+    resolver = RegistryResolver(RegistryConfig.from_settings(settings))
+    backends: dict[str, Backend] = {LOCAL_CLUSTER_GROUP: LocalBackend(supervisor, resolver)}
     # One backend per configured cluster, named like the cluster group the API offers for it.
     kube_settings = KubeSettings.from_settings(settings)
     clusters = kubernetes_backends(settings.kubeconfigs, secret_box, kube_settings)
-    resolver = RegistryResolver(RegistryConfig.from_settings(settings))
     helm_settings = HelmSettings.from_settings(settings)
     charts: list[HelmBackend] = []
     for kubeconfig, cluster in zip(settings.kubeconfigs, clusters, strict=True):
         await cluster.start()
-        # Kubernetes pods run the digest their image tag pointed at when the version was deployed. The
-        # local backend's images are only recorded (it runs command lines), so it resolves nothing.
+        # Kubernetes pods run the digest their image tag pointed at when the version was deployed (the
+        # local backend pins its containers' images itself, and only records those of its processes).
         containers = PinningBackend(cluster, resolver) if settings.resolve_artifacts else cluster
         # Helm-chart versions of the same cluster group are Helm releases; that backend pins its charts
         # itself (helm needs the archive anyway), so it is not wrapped.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import random
@@ -24,12 +25,15 @@ import shutil
 import site
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SLOT_ATTEMPTS = 200
+SLOTS_DIR = "slots"
+"""Under the state directory: one note per slot the stack holds, and the network its firewall rule covers."""
+FIREWALL_NOTE = "firewall"
 HOST_PREFIX = "gfh"
 """Host-side veth names are `gfh<slot>`; the instance side starts as `gfi<slot>` and becomes `eth0`."""
 
@@ -68,13 +72,14 @@ def _must(result: subprocess.CompletedProcess[str]) -> None:
 class SlotAllocator:
     """Claims and releases slots in `network` (split into /30s), with uids from `uid_base`."""
 
-    def __init__(self, network: str, uid_base: int) -> None:
+    def __init__(self, network: str, uid_base: int, claims: Path | None = None) -> None:
         self._network = ipaddress.IPv4Network(network)
         if self._network.prefixlen > 28:
             raise ValueError(f"local instance network {network} is too small (at most /28)")
         self._slots = self._network.num_addresses // 4
         self._uid_base = uid_base
-        self._firewall_done = False
+        self._claims = claims
+        self._firewall_warned = False
 
     def slot(self, index: int) -> Slot:
         """Return slot `index` (without claiming it)."""
@@ -88,11 +93,12 @@ class SlotAllocator:
             instanceAddress=str(base + 2),
         )
 
-    def claim(self) -> Slot:
-        """Claim a free slot and set up its namespace and veth pair."""
+    def claim(self, preferred: int | None = None) -> Slot:
+        """Claim a free slot (slot `preferred` when it is free) and set up its namespace and veth pair."""
         self._ensure_firewall()
-        for _ in range(SLOT_ATTEMPTS):
-            slot = self.slot(random.randrange(self._slots))
+        for attempt in range(SLOT_ATTEMPTS):
+            index = preferred if attempt == 0 and preferred is not None else random.randrange(self._slots)
+            slot = self.slot(index % self._slots)
             peer = f"gfi{slot.index}"
             if _ip("link", "add", slot.hostVeth, "type", "veth", "peer", "name", peer).returncode != 0:
                 continue  # taken by another instance, of this stack or another one
@@ -118,19 +124,24 @@ class SlotAllocator:
         release_slot(slot)
 
     def _ensure_firewall(self) -> None:
-        """Drop new connections from instances to this host (replies to the host's own connections pass)."""
-        if self._firewall_done:
-            return
-        self._firewall_done = True
+        """Drop new connections from instances to this host (replies to the host's own connections pass).
+
+        Checked at every claim, not once: another stack on the machine may have removed the rules when it
+        stopped with no instance left (`remove_firewall_if_unused`).
+        """
         if shutil.which("iptables") is None:
-            log.warning("iptables not found: instances can reach host services bound to every address")
+            if not self._firewall_warned:
+                log.warning("iptables not found: instances can reach host services bound to every address")
+            self._firewall_warned = True
             return
         source = str(self._network)
-        rules = [
-            ["-s", source, "-j", "DROP"],
-            ["-s", source, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-        ]
-        for rule in rules:  # inserted at the top in this order, so ACCEPT ends up before DROP
+        if self._claims is not None:
+            # The stack's stop removes the rules again (`remove_firewall_if_unused`).
+            self._claims.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self._claims / FIREWALL_NOTE).write_text(source)
+        for rule in _firewall_rules(
+            source
+        ):  # inserted at the top in this order, so ACCEPT ends up before DROP
             present = subprocess.run(["iptables", "-C", "INPUT", *rule], capture_output=True, check=False)
             if present.returncode == 0:
                 continue
@@ -139,6 +150,39 @@ class SlotAllocator:
             )
             if added.returncode != 0:
                 log.warning("Could not add firewall rule %s: %s", rule, added.stderr.strip())
+
+
+def _firewall_rules(source: str) -> list[list[str]]:
+    """The INPUT rules for instance network `source`, in the order they are inserted at the top."""
+    return [
+        ["-s", source, "-j", "DROP"],
+        ["-s", source, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+    ]
+
+
+def remove_firewall_if_unused(claims: Path) -> bool:
+    """Delete the firewall rules this stack added, unless an instance (of any stack) still needs them.
+
+    Stacks on one machine share the rules of a shared instance network, so they go only when no host
+    end of an instance's veth pair is left. Returns whether they were removed.
+    """
+    note = claims / FIREWALL_NOTE
+    try:
+        source = note.read_text().strip()
+    except OSError:
+        return False
+    links = _ip("-o", "link", "show").stdout
+    if any(line.split(":")[1].strip().startswith(HOST_PREFIX) for line in links.splitlines() if ":" in line):
+        return False
+    for rule in _firewall_rules(source):
+        # -D removes one copy; set-up added at most one, but a crashed older stack may have added more.
+        for _ in range(10):
+            if subprocess.run(
+                ["iptables", "-D", "INPUT", *rule], capture_output=True, check=False
+            ).returncode:
+                break
+    note.unlink(missing_ok=True)
+    return True
 
 
 def release_slot(slot: Slot) -> None:
@@ -218,3 +262,40 @@ def remove_private_dir(path: Path) -> None:
     """Delete an instance's private directory."""
     with contextlib.suppress(OSError):
         shutil.rmtree(path)
+
+
+def record_claim(claims: Path, slot: Slot) -> None:
+    """Note in the stack's state that it holds `slot` (written once the kernel gave it the veth name).
+
+    A worker killed between claiming a slot and recording its instance leaves a namespace no record
+    names; the next worker finds it here and deletes it (`reap_unrecorded`).
+    """
+    claims.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (claims / f"{slot.index}.json").write_text(json.dumps(asdict(slot)))
+
+
+def forget_claim(claims: Path, slot: Slot) -> None:
+    """Delete the note of a slot this stack released."""
+    with contextlib.suppress(OSError):
+        (claims / f"{slot.index}.json").unlink()
+
+
+def reap_unrecorded(claims: Path, in_use: set[int]) -> list[Slot]:
+    """Release every slot this stack claimed that no instance holds; return them."""
+    reaped = []
+    for path in sorted(claims.glob("*.json")) if claims.is_dir() else []:
+        try:
+            slot = Slot(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            path.unlink(missing_ok=True)
+            continue
+        if slot.index in in_use:
+            continue
+        release_slot(slot)
+        path.unlink(missing_ok=True)
+        reaped.append(slot)
+    if reaped:
+        log.info(
+            "Released %d instance network(s) no instance held: %s", len(reaped), [s.netns for s in reaped]
+        )
+    return reaped

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what the local backend needs to isolate function instances (docs/operations.md, Security):
 # `ip` (iproute2: network namespaces and veth pairs), `nsenter` and `setpriv` (util-linux: enter the
-# namespace, drop to the instance's uid) and `iptables` (drop connections from instances to the host).
+# namespace, drop to the instance's uid) and `iptables` (drop connections from instances to the host);
+# and `podman` with `runc` for the container runtime (GPUFN_LOCAL_RUNTIME=podman|auto; the worker writes
+# its own containers.conf, so podman needs no system-wide settings).
 # Checks the commands first and does nothing when all are there.
 #
 #   bash deploy/isolation-setup.sh
@@ -12,7 +14,8 @@ set -euo pipefail
 
 log() { printf '[isolation-setup] %s\n' "$*" >&2; }
 
-declare -A PACKAGE_OF=([ip]=iproute2 [nsenter]=util-linux [setpriv]=util-linux [iptables]=iptables)
+declare -A PACKAGE_OF=([ip]=iproute2 [nsenter]=util-linux [setpriv]=util-linux [iptables]=iptables
+    [podman]=podman [runc]=runc)
 missing=()
 for tool in "${!PACKAGE_OF[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$tool]}")

@@ -6,6 +6,7 @@ import base64
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
     """First uid of the range the local backend runs instances as, one uid per slot (root only)."""
     local_instance_dir: Path | None = None
     """Parent of the instances' private directories (default: `gpufn-instances` in the temp directory)."""
+    local_runtime: Literal["auto", "process", "podman"] = "process"
+    """How the local backend runs an instance: `process` (its containerArgs as a command line), `podman`
+    (the version's containerImage; needs root and podman) or `auto` (podman where it can run, else
+    process); docs/operations.md, Security."""
+    local_oci_runtime: str = "runc"
+    """The OCI runtime podman runs the local backend's containers with (crun cannot run on hybrid cgroups)."""
     instance_start_timeout: float = 600.0
     """Seconds an instance may take to pass its first health check before it counts as failed."""
     deploy_timeout: float = 900.0

@@ -13,10 +13,16 @@ from aiohttp import web
 
 def _try_read(path: str) -> str | None:
     try:
-        with open(path, "rb") as handle:
-            return handle.read(65536).decode(errors="replace")
+        # Non-blocking: in a container, stdout is a pipe (its own, to conmon) that would block an empty read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        return os.read(fd, 65536).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _state_dir_findings(state: str) -> dict[str, str]:

@@ -3,7 +3,9 @@
 Two accounts deploy on one stack: a victim (the echo example, with a secret) and an attacker whose
 function (tests/security/hostile.py) searches the state directory, its stdout, its environment and every
 process's environment, and connects to Temporal, the API and the victim. The platform runs as root here
-(as in CI), so instances run isolated: their own uid and network namespace.
+(as in CI), so instances run isolated: their own uid and network namespace. The hostile test runs on
+both local runtimes: processes, and containers under podman (the images of tests/local/build-images.sh,
+served by a real local registry).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import pytest
 from activities.isolation import unavailable_reason
 from tests.conftest import Stack, cpu_spec, echo_function, eventually, running_stack
 from tests.lifecycle.helpers import create, deploy, instance_records, wait_running
+from tests.local.images import container_function, containers_unavailable, local_registry
 
 VICTIM_SECRET = "victim-secret-value-5d1f0c9a"
 
@@ -28,11 +32,42 @@ pytestmark = pytest.mark.skipif(
     unavailable_reason() is not None, reason=f"instance isolation needs root: {unavailable_reason()}"
 )
 
+FunctionBody = Callable[..., dict[str, Any]]
+"""Builds a create-function body: (name, role "victim" or "attacker", overrides) -> body."""
+
 
 @pytest.fixture(scope="module")
 async def stack(temporal_address: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     async with running_stack(temporal_address, tmp_path_factory.mktemp("gpufn-home")) as running:
         yield running
+
+
+def _process_body(name: str, role: str, **overrides: Any) -> dict[str, Any]:
+    if role == "attacker":
+        overrides.setdefault("containerArgs", "python tests/security/hostile.py")
+    return echo_function(name, **overrides)
+
+
+@pytest.fixture(scope="module", params=["process", "podman"])
+async def runtime_stack(
+    request: pytest.FixtureRequest, temporal_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Stack, FunctionBody]]:
+    """A stack per local runtime, with how to write a function body for it."""
+    runtime: str = request.param
+    with ExitStack() as resources:
+        body: FunctionBody = _process_body
+        if runtime == "podman":
+            if containers_unavailable() is not None:
+                pytest.skip(f"containers cannot run here: {containers_unavailable()}")
+            registry = resources.enter_context(local_registry(tmp_path_factory.mktemp("registry")))
+
+            def body(name: str, role: str, **overrides: Any) -> dict[str, Any]:
+                image = "hostile:1" if role == "attacker" else "echo:1"
+                return container_function(registry, name, image=image, **overrides)
+
+        home = tmp_path_factory.mktemp(f"gpufn-home-{runtime}")
+        async with running_stack(temporal_address, home, local_runtime=runtime) as running:
+            yield running, body
 
 
 async def _client_for(stack: Stack, account: str) -> httpx.AsyncClient:
@@ -65,12 +100,17 @@ async def _deploy_as(stack: Stack, client: httpx.AsyncClient, body: dict[str, An
     return function
 
 
-async def test_hostile_function_finds_nothing_and_reaches_nothing(stack: Stack) -> None:
+async def test_hostile_function_finds_nothing_and_reaches_nothing(
+    runtime_stack: tuple[Stack, FunctionBody],
+) -> None:
+    stack, body = runtime_stack
     victim_client = await _client_for(stack, "victim-account")
     attacker_client = await _client_for(stack, "attacker-account")
     async with victim_client, attacker_client:
         victim = await _deploy_as(
-            stack, victim_client, echo_function("victim", secrets=[{"name": "TOKEN", "value": VICTIM_SECRET}])
+            stack,
+            victim_client,
+            body("victim", "victim", secrets=[{"name": "TOKEN", "value": VICTIM_SECRET}]),
         )
         [victim_record] = instance_records(stack, victim)
         temporal_port = stack.settings.temporal_target.rsplit(":", 1)[1]
@@ -83,10 +123,10 @@ async def test_hostile_function_finds_nothing_and_reaches_nothing(stack: Stack) 
         attacker = await _deploy_as(
             stack,
             attacker_client,
-            echo_function(
+            body(
+                "attacker",
                 "attacker",
                 inferenceUrl="/probe",
-                containerArgs="python tests/security/hostile.py",
                 containerEnvironment=[
                     {"key": "STATE_DIR", "value": str(stack.settings.home.resolve())},
                     {"key": "TARGETS", "value": ",".join(targets)},
@@ -111,7 +151,13 @@ async def test_hostile_function_finds_nothing_and_reaches_nothing(stack: Stack) 
         ):
             assert secret not in text
         assert findings["stateDir"] == {}
-        assert findings["stdoutTarget"] is None
+        if stack.settings.local_runtime == "podman":
+            # A container's stdout is its own pipe to conmon: reading it yields at most its own output.
+            own = {"hostile function starting"}
+            assert set((findings["stdoutTarget"] or "").splitlines()) <= own, findings["stdoutTarget"]
+        else:
+            # A process's stdout is the platform's log file, which its uid cannot open.
+            assert findings["stdoutTarget"] is None
         assert findings["otherEnvironments"] == {}
         assert not any(name.startswith("GPUFN_") for name in findings["environment"])
         assert findings["reached"] == {target: False for target in targets}
@@ -145,14 +191,17 @@ async def _reach_from(record: dict[str, Any], targets: list[str]) -> dict[str, b
         "    r[t]=s.connect_ex((h,int(p)))==0; s.close()\n"
         "print(json.dumps(r))\n"
     )
+    # The instance's own PATH leads to a Python its uid can run; a container's record has none (its image
+    # has one), and the system's Python runs in its namespace instead.
+    path = record["env"].get("PATH", "/usr/local/bin:/usr/bin:/bin")
     process = await asyncio.create_subprocess_exec(
         *launch_prefix(Slot(**record["slot"])),
-        "python",
+        "python3",
         "-c",
         script,
         *targets,
         stdout=asyncio.subprocess.PIPE,
-        env=record["env"],  # the instance's own PATH, to a Python its uid can run
+        env={**record["env"], "PATH": path},
     )
     out, _ = await process.communicate()
     result: dict[str, bool] = json.loads(out)

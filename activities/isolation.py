@@ -50,16 +50,6 @@ class Slot:
     instanceAddress: str
 
 
-def unavailable_reason() -> str | None:
-    """Return why instances cannot be isolated here, or None when they can."""
-    if os.geteuid() != 0:
-        return "the worker does not run as root"
-    missing = [tool for tool in ("ip", "nsenter", "setpriv") if shutil.which(tool) is None]
-    if missing:
-        return f"{', '.join(missing)} not found (Debian packages iproute2 and util-linux)"
-    return None
-
-
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
 

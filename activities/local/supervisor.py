@@ -36,7 +36,6 @@ from activities.isolation import (
     instance_python,
     reap_unrecorded,
     record_claim,
-    unavailable_reason,
 )
 from activities.local.containers import PodmanRunner, podman_unavailable_reason
 from activities.local.process import ProcessRunner
@@ -57,6 +56,7 @@ from activities.local.records import (
 from activities.registry.artifacts import RegistryConfig
 from gpufn.durations import parse_iso_duration
 from gpufn.inventory import CPU_INSTANCE_TYPE, LocalGpu, local_instance_type
+from gpufn.isolation_check import unavailable_reason
 from gpufn.sealing import SecretBox, secret_context
 from workflows.models import (
     DeploymentSpecification,

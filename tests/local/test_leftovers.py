@@ -18,9 +18,9 @@ from activities.isolation import (
     SlotAllocator,
     record_claim,
     remove_firewall_if_unused,
-    unavailable_reason,
 )
 from activities.local import LocalSupervisor, stop_recorded_instances
+from gpufn.isolation_check import unavailable_reason
 from gpufn.sealing import SecretBox
 from tests.conftest import Stack, cpu_spec, echo_function, running_stack
 from tests.lifecycle.helpers import create, deploy, instance_records, wait_running

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from activities.isolation import unavailable_reason
+from gpufn.isolation_check import unavailable_reason
 from tests.conftest import Stack, cpu_spec, echo_function, eventually, running_stack
 from tests.lifecycle.helpers import create, deploy, instance_records, wait_running
 from tests.local.images import container_function, containers_unavailable, local_registry

@@ -37,7 +37,7 @@ from activities.watcher import WatchActivities
 from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus, parse_local_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
-from gpufn.telemetry import serve_metrics
+from gpufn.telemetry import serve_metrics, temporal_interceptors
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.key_registry import KeyRegistryWorkflow
@@ -179,6 +179,7 @@ async def run(settings: Settings) -> None:
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
         runtime=runtime,
+        interceptors=temporal_interceptors("gpufn-worker"),
     )
     metrics = WorkerMetrics()
     stop_metrics = (

@@ -39,7 +39,7 @@ from gpufn.cluster_groups import ClusterGroups
 from gpufn.inventory import discover_gpus, local_cluster_group, parse_local_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
-from gpufn.telemetry import serve_metrics
+from gpufn.telemetry import configure_tracing, serve_metrics, temporal_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ async def connect(settings: Settings) -> Client:
         settings.temporal_target,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        interceptors=temporal_interceptors("gpufn-api"),
     )
 
 
@@ -214,7 +215,8 @@ def _build_gateway(settings: Settings, key_cache: KeyCache, route_source: Tempor
         authenticate=key_cache.authenticate,
         route_source=route_source,
         observer=GatewayObserver(
-            records=MemoryRequestRecords(settings.request_record_retention, settings.request_record_max)
+            records=MemoryRequestRecords(settings.request_record_retention, settings.request_record_max),
+            tracer=configure_tracing("gpufn-api"),
         ),
         settings=GatewaySettings(
             result_ttl_seconds=settings.result_ttl,

@@ -1,4 +1,7 @@
-"""What the API process and the worker share for metrics: serving a Prometheus registry on its own address.
+"""What the API process and the worker share for metrics and traces.
+
+Metrics: serving a Prometheus registry on its own address. Traces: setting OpenTelemetry up from the
+standard `OTEL_*` environment variables, only when they ask for it.
 
 Each process keeps its metrics in its own `prometheus_client.CollectorRegistry` and, when the operator
 names an address (`GPUFN_API_METRICS_ADDRESS`, `GPUFN_WORKER_METRICS_ADDRESS`), serves it at
@@ -9,9 +12,14 @@ address, a NetworkPolicy) rather than the API's public port.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -38,3 +46,69 @@ def serve_metrics(address: str, registry: CollectorRegistry) -> Callable[[], Non
         thread.join(timeout=5)
 
     return stop
+
+
+TRACES_EXPORTER_ENV = "OTEL_TRACES_EXPORTER"
+_tracer: Tracer | None = None
+
+
+def tracing_requested() -> bool:
+    """Return whether the operator turned tracing on (`OTEL_TRACES_EXPORTER` set to an exporter).
+
+    gpufn's tracing is off unless asked for, unlike the OpenTelemetry SDK's default (OTLP on): a stack
+    without a collector must not spend time on spans nor log export failures. `OTEL_SDK_DISABLED=true`
+    turns it off whatever the exporter says.
+    """
+    exporter = os.environ.get(TRACES_EXPORTER_ENV, "").strip().lower()
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    return bool(exporter) and exporter != "none" and not disabled
+
+
+def configure_tracing(service_name: str) -> Tracer | None:
+    """Install a tracer provider that exports as the `OTEL_*` variables say; None when tracing is off.
+
+    `OTEL_TRACES_EXPORTER` is `otlp` (OTLP over HTTP; `OTEL_EXPORTER_OTLP_ENDPOINT` and friends configure it)
+    or `console`; `OTEL_SERVICE_NAME` overrides `service_name`.
+    """
+    global _tracer
+    if not tracing_requested():
+        return None
+    if _tracer is not None:
+        return _tracer  # one provider per process, however many apps it builds
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name}).merge(
+        OTELResourceDetector().detect()
+    )
+    provider = TracerProvider(resource=resource)
+    exporters: list[SpanExporter] = []
+    for name in os.environ[TRACES_EXPORTER_ENV].split(","):
+        name = name.strip().lower()
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name and name != "none":
+            raise ValueError(f"{TRACES_EXPORTER_ENV}={name!r} is not supported: use otlp or console")
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _tracer = trace.get_tracer("gpufn")
+    return _tracer
+
+
+def temporal_interceptors(service_name: str) -> list[Any]:
+    """Return the Temporal client interceptors for tracing (workflows, activities, client calls); [] when off.
+
+    A worker built on a client with these interceptors uses them too.
+    """
+    if configure_tracing(service_name) is None:
+        return []
+    from temporalio.contrib.opentelemetry import TracingInterceptor
+
+    return [TracingInterceptor()]

@@ -299,6 +299,7 @@ class Dispatcher:
             (
                 instance.prefix,
                 invocation.ncaid_headers(),
+                self.observer.trace_headers(invocation),  # observability hook: traceparent when tracing
                 b"nvcf-poll-seconds: %d\r\n" % int(remaining),
                 invocation.client_headers,
                 b"content-length: %d\r\n\r\n" % len(invocation.body),

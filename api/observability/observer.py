@@ -18,8 +18,9 @@ of the gateway.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from api.observability import tracing
 from api.observability.metrics import GatewayMetrics
 from api.observability.records import (
     OUTCOME_CANCELLED,
@@ -31,6 +32,9 @@ from api.observability.records import (
     RequestRecord,
     RequestRecords,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 CLIENT_CLOSED_REQUEST = 499
 """Status counted for a request whose client left before it ran (nginx's convention; never sent)."""
@@ -56,6 +60,7 @@ class ObservedInvocation(Protocol):
     """What the observer reads of a gateway invocation."""
 
     observed: RequestRecord | None
+    client_headers: bytes
 
     @property
     def id(self) -> str:
@@ -99,9 +104,16 @@ class GatewayObserver:
     Args:
         metrics: The metric families (a fresh registry when omitted).
         records: Where request records go (in memory, an hour or 100,000 records, when omitted).
+        tracer: An OpenTelemetry tracer to emit spans with; None (tracing off): no span is ever created.
     """
 
-    def __init__(self, metrics: GatewayMetrics | None = None, records: RequestRecords | None = None) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics | None = None,
+        records: RequestRecords | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.tracer = tracer
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.records: RequestRecords = (
             records
@@ -112,7 +124,7 @@ class GatewayObserver:
     def received(self, invocation: ObservedInvocation, cold: bool) -> None:
         """Start the request's record; `cold`: its version had no ready instance when it arrived."""
         version = invocation.version
-        invocation.observed = RequestRecord(
+        record = invocation.observed = RequestRecord(
             invocation.id,
             invocation.account,
             version.function_id,
@@ -121,11 +133,18 @@ class GatewayObserver:
             len(invocation.body),
             cold,
         )
+        if self.tracer is not None:
+            invocation.client_headers, carrier = tracing.split_trace_headers(invocation.client_headers)
+            record.trace = tracing.start(self.tracer, record, carrier)
 
     def refused(self, invocation: ObservedInvocation, outcome: str) -> None:
         """Count a request refused with 429 (`outcome`: rate_limited or queue_full); it keeps no record."""
         version = invocation.version
         self.metrics.version(version.function_id, version.version_id).request_counter(429, outcome).inc()
+        record = invocation.observed
+        if record is not None and record.trace is not None:
+            record.done, record.status, record.outcome = time.monotonic(), 429, outcome
+            tracing.finish(record.trace, record)
 
     def accepted(self, invocation: ObservedInvocation) -> None:
         """Publish the record of a request that was queued or started."""
@@ -151,15 +170,23 @@ class GatewayObserver:
             return
         instance = invocation.instance
         record.instance_id = instance.id if instance is not None else None
-        if record.assigned is not None:
-            return
-        now = record.assigned = time.monotonic()
-        bound = self.metrics.version(record.function_id, record.version_id)
-        bound.queue_wait.observe(now - record.received)
-        if record.cold:
-            if record.cold_ready is None:
-                record.cold_ready = now
-            bound.cold_start_wait.observe(record.cold_ready - record.received)
+        if record.assigned is None:
+            now = record.assigned = time.monotonic()
+            bound = self.metrics.version(record.function_id, record.version_id)
+            bound.queue_wait.observe(now - record.received)
+            if record.cold:
+                if record.cold_ready is None:
+                    record.cold_ready = now
+                bound.cold_start_wait.observe(record.cold_ready - record.received)
+        if self.tracer is not None and record.trace is not None:
+            tracing.assigned(self.tracer, record.trace, record, record.instance_id)
+
+    def trace_headers(self, invocation: ObservedInvocation) -> bytes:
+        """Return the `traceparent` header line(s) for the instance call; empty when tracing is off."""
+        if self.tracer is None:
+            return b""
+        record = invocation.observed
+        return b"" if record is None or record.trace is None else tracing.traceparent(record.trace)
 
     def first_byte(self, invocation: ObservedInvocation) -> None:
         """Note when the instance's answer started."""
@@ -191,6 +218,8 @@ class GatewayObserver:
             bound.instance_time.observe(now - record.assigned)
         if response_bytes:
             bound.response_bytes.inc(response_bytes)
+        if record.trace is not None:
+            tracing.finish(record.trace, record)
 
     def cancelled(self, invocation: ObservedInvocation) -> None:
         """Close the record of a request whose client left while it was queued."""
@@ -201,3 +230,5 @@ class GatewayObserver:
         record.outcome = OUTCOME_CANCELLED
         bound = self.metrics.version(record.function_id, record.version_id)
         bound.request_counter(CLIENT_CLOSED_REQUEST, OUTCOME_CANCELLED).inc()
+        if record.trace is not None:
+            tracing.finish(record.trace, record)

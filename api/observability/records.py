@@ -64,6 +64,7 @@ class RequestRecord:
         "request_id",
         "response_bytes",
         "status",
+        "trace",
         "version_id",
     )
 
@@ -93,6 +94,8 @@ class RequestRecord:
         self.status: int | None = None
         self.outcome: str | None = None
         self.response_bytes = 0
+        self.trace: Any = None
+        """The request's open spans when the gateway traces (`api.observability.tracing`), else None."""
 
     def queue_seconds(self) -> float | None:
         """Return how long it waited for an instance slot (cold start included), once it had one."""

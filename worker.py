@@ -169,11 +169,14 @@ async def run(settings: Settings) -> None:
     runtime = None
     if settings.worker_sdk_metrics_address:
         # The Temporal SDK's own metrics (task latencies, slots, polls), served by the SDK itself.
-        runtime = Runtime(
-            telemetry=TelemetryConfig(
-                metrics=PrometheusConfig(bind_address=settings.worker_sdk_metrics_address)
-            )
+        # Prometheus conventions: counters end in _total, durations are seconds named _seconds.
+        prometheus = PrometheusConfig(
+            bind_address=settings.worker_sdk_metrics_address,
+            counters_total_suffix=True,
+            unit_suffix=True,
+            durations_as_seconds=True,
         )
+        runtime = Runtime(telemetry=TelemetryConfig(metrics=prometheus))
     client = await Client.connect(
         settings.temporal_target,
         namespace=settings.temporal_namespace,

@@ -6,6 +6,8 @@ record, and an operator scrapes the API's and the worker's keyless metrics ports
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Stack, cpu_spec, echo_function, eventually, free_port, running_stack
+from tests.conftest import ROOT, Stack, cpu_spec, echo_function, eventually, free_port, running_stack
 from tests.lifecycle.helpers import deployment_path, pexec
 
 ACCOUNT = "obs-account"
@@ -32,6 +34,13 @@ async def observed(temporal_address: str, tmp_path_factory: pytest.TempPathFacto
         worker_sdk_metrics_address=f"127.0.0.1:{ports['sdk']}",
     ) as stack:
         yield stack
+
+
+def dashboard_names(prefix: str) -> set[str]:
+    """Return the metric names with `prefix` that the Grafana dashboard's queries use."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "gpufn.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return {name for expr in exprs for name in re.findall(rf"\b{prefix}\w+", expr)}
 
 
 def metrics_url(address: str | None) -> str:
@@ -125,4 +134,6 @@ async def test_records_and_metrics_of_a_deployed_function(observed: Stack) -> No
 
     await eventually(active_counted, timeout=25, interval=1)
     sdk = await scrape(metrics_url(stack.settings.worker_sdk_metrics_address))
-    assert any(name.startswith("temporal_") for name, _ in sdk)
+    sdk_names = {name for name, _ in sdk}
+    # Every SDK metric the Grafana dashboard charts is one the SDK serves.
+    assert dashboard_names("temporal_") <= sdk_names, sorted(sdk_names)

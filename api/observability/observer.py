@@ -140,7 +140,7 @@ class GatewayObserver:
     def refused(self, invocation: ObservedInvocation, outcome: str) -> None:
         """Count a request refused with 429 (`outcome`: rate_limited or queue_full); it keeps no record."""
         version = invocation.version
-        self.metrics.version(version.function_id, version.version_id).request_counter(429, outcome).inc()
+        self.metrics.version(version.function_id, version.version_id).count(429, outcome)
         record = invocation.observed
         if record is not None and record.trace is not None:
             record.done, record.status, record.outcome = time.monotonic(), 429, outcome
@@ -150,9 +150,7 @@ class GatewayObserver:
         """Publish the record of a request that was queued or started."""
         record = invocation.observed
         if record is not None:
-            self.metrics.version(record.function_id, record.version_id).request_bytes.inc(
-                record.request_bytes
-            )
+            self.metrics.version(record.function_id, record.version_id).request_bytes += record.request_bytes
             self.records.put(record)
 
     def instances_ready(self, queued: object) -> None:
@@ -212,12 +210,11 @@ class GatewayObserver:
             outcome = OUTCOME_DIRECT
         record.outcome = outcome
         bound = self.metrics.version(record.function_id, record.version_id)
-        bound.request_counter(status, outcome).inc()
+        bound.count(status, outcome)
         bound.duration.observe(now - record.received)
         if record.assigned is not None:
             bound.instance_time.observe(now - record.assigned)
-        if response_bytes:
-            bound.response_bytes.inc(response_bytes)
+        bound.response_bytes += response_bytes
         if record.trace is not None:
             tracing.finish(record.trace, record)
 
@@ -229,6 +226,6 @@ class GatewayObserver:
         record.done = time.monotonic()
         record.outcome = OUTCOME_CANCELLED
         bound = self.metrics.version(record.function_id, record.version_id)
-        bound.request_counter(CLIENT_CLOSED_REQUEST, OUTCOME_CANCELLED).inc()
+        bound.count(CLIENT_CLOSED_REQUEST, OUTCOME_CANCELLED)
         if record.trace is not None:
             tracing.finish(record.trace, record)

@@ -172,6 +172,7 @@ class MemoryRequestRecords:
         self._retention = retention_seconds
         self._max = max_records
         self._items: OrderedDict[str, RequestRecord] = OrderedDict()
+        self._next_expiry = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -184,7 +185,10 @@ class MemoryRequestRecords:
         items[record.request_id] = record
         if len(items) > self._max:
             items.popitem(last=False)
-        self._expire()
+        if record.received >= self._next_expiry:
+            # At most once a second (records arrive in time order): `get` hides the older ones meanwhile.
+            self._next_expiry = record.received + 1.0
+            self._expire()
 
     def get(self, request_id: str) -> RequestRecord | None:
         """Return the record while it is within retention."""

@@ -30,7 +30,7 @@ def test_dashboard_queries_exported_metrics() -> None:
     gateway.watch_load(lambda: {"v": {"queued": 0, "inFlight": 0, "ready": 0}})
     # Bind one child of each labelled family, so its label names show in the samples.
     bound = gateway.version("f", "v")
-    bound.request_counter(200, "direct").inc(0)
+    bound.count(200, "direct")
     worker.activities.labels("a", "ok").inc(0)
     for family in (worker.instance_starts, worker.instance_failures, worker.cold_start):
         family.labels("f", "v", "CPU", "LOCAL.CPU")

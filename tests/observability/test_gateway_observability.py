@@ -187,3 +187,23 @@ async def test_record_shows_cold_start_and_queue_phases(
     version = {"function_id": fid, "version_id": vid}
     assert sample(samples, "gpufn_gateway_cold_start_wait_seconds_count", **version) == 2
     assert sample(samples, "gpufn_gateway_cold_start_wait_seconds_bucket", **version, le="0.5") == 0
+
+
+async def test_rate_limit_refusals_are_counted_without_a_record(
+    fresh: tuple[Served, str], echo_urls: list[str]
+) -> None:
+    served, metrics_url = fresh
+    fid, vid = uid(), uid("ver")
+    memo = route(vid, echo_urls[:1], function_id=fid)
+    memo["rateLimit"] = {"rateLimit": "1-M"}
+    served.apply(memo)
+    answers = [await invoke(served, fid, body({"n": n})) for n in range(2)]
+    assert [a.status_code for a in answers] == [200, 429]
+
+    samples = await scrape(metrics_url)
+    version = {"function_id": fid, "version_id": vid}
+    requests = "gpufn_gateway_requests_total"
+    assert sample(samples, requests, **version, status_class="2xx", outcome="direct") == 1
+    assert sample(samples, requests, **version, status_class="4xx", outcome="rate_limited") == 1
+    assert sample(samples, "gpufn_gateway_request_duration_seconds_count", **version) == 1
+    assert sample(samples, "gpufn_gateway_request_bytes_total", **version) == len(body({"n": 0}))

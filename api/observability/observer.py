@@ -217,6 +217,7 @@ class GatewayObserver:
         bound.response_bytes += response_bytes
         if record.trace is not None:
             tracing.finish(record.trace, record)
+        self.records.put(record)
 
     def cancelled(self, invocation: ObservedInvocation) -> None:
         """Close the record of a request whose client left while it was queued."""
@@ -229,3 +230,4 @@ class GatewayObserver:
         bound.count(CLIENT_CLOSED_REQUEST, OUTCOME_CANCELLED)
         if record.trace is not None:
             tracing.finish(record.trace, record)
+        self.records.put(record)

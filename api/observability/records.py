@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Protocol
 
 OUTCOME_DIRECT = "direct"
@@ -97,6 +98,24 @@ class RequestRecord:
         self.trace: Any = None
         """The request's open spans when the gateway traces (`api.observability.tracing`), else None."""
 
+    def freeze(self) -> tuple[Any, ...]:
+        """Return the record's facts as a tuple of plain values (spans left out).
+
+        A finished record is kept in this form: a tuple of strings and numbers is dropped from the
+        garbage collector's bookkeeping, so a store holding many of them costs the collector nothing.
+        """
+        frozen: tuple[Any, ...] = _freeze(self)
+        return frozen
+
+    @classmethod
+    def thaw(cls, frozen: tuple[Any, ...]) -> RequestRecord:
+        """Return a record from `freeze`'s tuple."""
+        record = cls.__new__(cls)
+        for name, value in zip(_FROZEN, frozen, strict=True):
+            setattr(record, name, value)
+        record.trace = None
+        return record
+
     def queue_seconds(self) -> float | None:
         """Return how long it waited for an instance slot (cold start included), once it had one."""
         return None if self.assigned is None else self.assigned - self.received
@@ -147,8 +166,14 @@ class RequestRecord:
         }
 
 
+_FROZEN = tuple(name for name in RequestRecord.__slots__ if name != "trace")
+_freeze = attrgetter(*_FROZEN)
+
+
 class RequestRecords(Protocol):
-    """Where request records are kept. `put` is called when a request is accepted and again when it ends."""
+    """Where request records are kept. `put` is called when a request is accepted and again when it ends
+    (with `done` set), so a store that copies records (a shared key-value store) holds the final one.
+    """
 
     def put(self, record: RequestRecord) -> None:
         """Store (or re-store) the record under its request id."""
@@ -160,8 +185,9 @@ class RequestRecords(Protocol):
 class MemoryRequestRecords:
     """Request records in this process's memory, oldest evicted first.
 
-    Memory is bounded by `max_records` (each record is one small slotted object, about 300 bytes with its
-    strings) and by `retention_seconds`: a record older than that is neither returned nor kept.
+    Memory is bounded by `max_records` (a finished record is one tuple of plain values, about 300 bytes
+    with its strings) and by `retention_seconds`: a record older than that is neither returned nor kept.
+    A record is held as the live object while its request runs, then as `RequestRecord.freeze()`'s tuple.
 
     Args:
         retention_seconds: How long after its arrival a request's record is answered.
@@ -171,16 +197,18 @@ class MemoryRequestRecords:
     def __init__(self, retention_seconds: float, max_records: int) -> None:
         self._retention = retention_seconds
         self._max = max_records
-        self._items: OrderedDict[str, RequestRecord] = OrderedDict()
+        self._items: OrderedDict[str, RequestRecord | tuple[Any, ...]] = OrderedDict()
         self._next_expiry = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, record: RequestRecord) -> None:
-        """Store the record; putting a record already held changes nothing (the store holds the object)."""
+        """Store the record (a finished one frozen); a second put replaces the first, in its place."""
         items = self._items
-        if record.request_id in items:
+        if record.done is not None:
+            if record.request_id in items:
+                items[record.request_id] = record.freeze()
             return
         items[record.request_id] = record
         if len(items) > self._max:
@@ -192,8 +220,11 @@ class MemoryRequestRecords:
 
     def get(self, request_id: str) -> RequestRecord | None:
         """Return the record while it is within retention."""
-        record = self._items.get(request_id)
-        if record is None or time.monotonic() - record.received > self._retention:
+        held = self._items.get(request_id)
+        if held is None:
+            return None
+        record = RequestRecord.thaw(held) if isinstance(held, tuple) else held
+        if time.monotonic() - record.received > self._retention:
             return None
         return record
 
@@ -201,8 +232,10 @@ class MemoryRequestRecords:
         # Records are stored in arrival order, so the expired ones are at the front.
         limit = time.monotonic() - self._retention
         items = self._items
+        received_at = _FROZEN.index("received")
         while items:
             first = next(iter(items.values()))
-            if first.received >= limit:
+            received = first[received_at] if isinstance(first, tuple) else first.received
+            if received >= limit:
                 return
             items.popitem(last=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from api.observability import tracing
+import api.observability.tracing as tracing
 from api.observability.metrics import GatewayMetrics
 from api.observability.records import (
     OUTCOME_CANCELLED,

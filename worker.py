@@ -20,6 +20,7 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
@@ -31,10 +32,12 @@ from activities.kube_group import KubernetesGroupBackend
 from activities.kubernetes import kubernetes_backends
 from activities.local import LocalBackend, LocalSupervisor
 from activities.registry import PinningBackend, RegistryConfig, RegistryResolver
+from activities.telemetry import MetricsInterceptor, WorkerMetrics
 from activities.watcher import WatchActivities
 from gpufn.inventory import LOCAL_CLUSTER_GROUP, discover_gpus, parse_local_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
+from gpufn.telemetry import serve_metrics, temporal_interceptors
 from workflows import search_attributes as sa
 from workflows.function_version import FunctionVersionWorkflow
 from workflows.key_registry import KeyRegistryWorkflow
@@ -67,9 +70,9 @@ async def register_search_attributes(client: Client) -> None:
 
 @asynccontextmanager
 async def build_worker(
-    client: Client, settings: Settings, task_queue: str | None = None
+    client: Client, settings: Settings, task_queue: str | None = None, metrics: WorkerMetrics | None = None
 ) -> AsyncIterator[tuple[Worker, LocalSupervisor]]:
-    """Build a worker with its backends and clients; close them on exit."""
+    """Build a worker with its backends and clients; close them on exit. Its activities feed `metrics`."""
     gpus = parse_local_gpus(settings.local_gpus) if settings.local_gpus is not None else discover_gpus()
     secret_box = SecretBox(settings.resolved_secret_key())
     supervisor = LocalSupervisor(
@@ -124,6 +127,7 @@ async def build_worker(
             gateway_activities.watch_load,
         ],
         max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
+        interceptors=[MetricsInterceptor(metrics if metrics is not None else WorkerMetrics())],
     )
     try:
         yield worker, supervisor
@@ -165,17 +169,37 @@ async def reattach_deployed_versions(client: Client) -> int:
 
 async def run(settings: Settings) -> None:
     """Connect, register search attributes, and run the worker until a signal arrives."""
+    runtime = None
+    if settings.worker_sdk_metrics_address:
+        # The Temporal SDK's own metrics (task latencies, slots, polls), served by the SDK itself.
+        # Prometheus conventions: counters end in _total, durations are seconds named _seconds.
+        prometheus = PrometheusConfig(
+            bind_address=settings.worker_sdk_metrics_address,
+            counters_total_suffix=True,
+            unit_suffix=True,
+            durations_as_seconds=True,
+        )
+        runtime = Runtime(telemetry=TelemetryConfig(metrics=prometheus))
     client = await Client.connect(
         settings.temporal_target,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        runtime=runtime,
+        interceptors=temporal_interceptors("gpufn-worker"),
     )
+    metrics = WorkerMetrics()
+    stop_metrics = (
+        serve_metrics(settings.worker_metrics_address, metrics.registry)
+        if settings.worker_metrics_address
+        else None
+    )
+    counting = asyncio.create_task(metrics.count_deployments(client, settings.task_queue))
     await register_search_attributes(client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with build_worker(client, settings) as (worker, _):
+    async with build_worker(client, settings, metrics=metrics) as (worker, _):
         log.info("Worker polling task queue %s on %s", settings.task_queue, settings.temporal_target)
         worker_task = asyncio.create_task(worker.run())
         reattached = await reattach_deployed_versions(client)
@@ -187,6 +211,9 @@ async def run(settings: Settings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await worker_task
         stop_task.cancel()
+    counting.cancel()
+    if stop_metrics is not None:
+        stop_metrics()
 
 
 def main() -> None:

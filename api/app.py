@@ -27,17 +27,19 @@ from temporalio.service import RPCError
 from api.auth import KeyCache
 from api.deps import MAX_MANAGEMENT_BODY, AppContext, plain_path_ids
 from api.gateway import Gateway, GatewaySettings
+from api.observability import GatewayObserver, MemoryRequestRecords
 from api.openapi import install_openapi
 from api.problems import PROBLEM_CONTENT_TYPE, ProblemError, problem_body
 from api.registry import FunctionRegistry
 from api.route_lookup import TemporalRouteSource
 from api.route_sync import RouteSync
-from api.routes import deployments, functions, keys, system
+from api.routes import deployments, functions, keys, requests, system
 from api.schemas import describe_errors
 from gpufn.cluster_groups import ClusterGroups
 from gpufn.inventory import discover_gpus, local_cluster_group, parse_local_gpus
 from gpufn.sealing import SecretBox
 from gpufn.settings import Settings
+from gpufn.telemetry import configure_tracing, serve_metrics, temporal_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ async def connect(settings: Settings) -> Client:
         settings.temporal_target,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        interceptors=temporal_interceptors("gpufn-api"),
     )
 
 
@@ -163,9 +166,16 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
         )
         await context.route_sync.start()
         app.state.context = context
+        stop_metrics = (
+            serve_metrics(settings.api_metrics_address, gateway.observer.metrics.registry)
+            if settings.api_metrics_address
+            else None
+        )
         try:
             yield
         finally:
+            if stop_metrics is not None:
+                stop_metrics()
             await context.route_sync.close()
             await gateway.close()
             await key_cache.close()
@@ -184,6 +194,7 @@ def create_fastapi(settings: Settings, client: Client | None = None) -> FastAPI:
     for prefix in NVCF_PREFIXES:
         app.include_router(nvcf, prefix=prefix)
     app.include_router(keys.router)
+    app.include_router(requests.router)
     app.include_router(system.router)
     return app
 
@@ -203,6 +214,10 @@ def _build_gateway(settings: Settings, key_cache: KeyCache, route_source: Tempor
     return Gateway(
         authenticate=key_cache.authenticate,
         route_source=route_source,
+        observer=GatewayObserver(
+            records=MemoryRequestRecords(settings.request_record_retention, settings.request_record_max),
+            tracer=configure_tracing("gpufn-api"),
+        ),
         settings=GatewaySettings(
             result_ttl_seconds=settings.result_ttl,
             result_memory_bytes=settings.result_memory_bytes,

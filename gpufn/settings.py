@@ -121,6 +121,16 @@ class Settings(BaseSettings):
     """This API replica's id, carried in request ids (defaults to its own URL)."""
     peers: dict[str, str] = Field(default_factory=dict)
     """Other API replicas, id -> base URL, for forwarding status polls (defaults to gateway_urls)."""
+    api_metrics_address: str | None = None
+    """HOST:PORT where the API process serves /metrics without a key (off when unset; see operations.md)."""
+    worker_metrics_address: str | None = None
+    """HOST:PORT where the worker serves its /metrics without a key (off when unset)."""
+    worker_sdk_metrics_address: str | None = None
+    """HOST:PORT where the Temporal SDK serves the worker's runtime metrics (off when unset)."""
+    request_record_retention: float = 3600.0
+    """Seconds a request's record (GET /v2/gpufn/requests/{id}) is kept after it arrived."""
+    request_record_max: int = 100_000
+    """Most request records an API process keeps (about 300 bytes each); the oldest go first."""
 
     @property
     def temporal_target(self) -> str:

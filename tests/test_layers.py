@@ -63,6 +63,7 @@ LAYER_OF: dict[str, int] = {
     "gpufn.kube_inventory": ADAPTERS,  # Kubernetes API clients
     "gpufn.sealing": ADAPTERS,  # random nonces: never inside a workflow
     "gpufn.settings": ADAPTERS,  # reads the environment: never inside a workflow
+    "gpufn.telemetry": ADAPTERS,  # serves Prometheus registries over HTTP (API and worker)
     "api": ENTRY,
     "bench": ENTRY,
     "gpufn.cli": ENTRY,

@@ -39,6 +39,7 @@ from api.gateway.upstream import (
     UpstreamPool,
     UpstreamTimeout,
 )
+from api.observability import GatewayObserver
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,12 @@ class Dispatcher:
 
     Args:
         settings: The gateway's settings.
+        observer: Told what happens to each request (metrics, request records).
     """
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, observer: GatewayObserver | None = None) -> None:
         self._settings = settings
+        self.observer = observer if observer is not None else GatewayObserver()
         self._max_response = settings.max_response_bytes
         static_headers = (
             b"nvcf-max-response-size-bytes: %d\r\nnvcf-region: %s\r\nnvcf-invocation-region: %s\r\n"
@@ -170,6 +173,7 @@ class Dispatcher:
         except ValueError:
             return False
         invocation.state = CANCELLED
+        self.observer.cancelled(invocation)  # observability hook
         return True
 
     @staticmethod
@@ -187,6 +191,7 @@ class Dispatcher:
     def _start(self, invocation: Invocation, instance: Instance) -> None:
         invocation.state = RUNNING
         invocation.instance = instance
+        self.observer.instance_assigned(invocation)  # observability hook
         invocation.attempts += 1
         instance.in_flight += 1
         invocation.version.in_flight += 1
@@ -212,6 +217,8 @@ class Dispatcher:
 
     def routes_changed(self, version: VersionRoute) -> None:
         """Start queued requests on the instances the new route may have added."""
+        if version.queue and version.active:
+            self.observer.instances_ready(version.queue)  # observability hook: cold starts end
         self._pump(version)
 
     def route_removed(self, version: VersionRoute) -> None:
@@ -231,6 +238,7 @@ class Dispatcher:
     def complete(self, invocation: Invocation, result: Result) -> None:
         """Deliver an answer to the handler waiting for it, or keep it for a poll."""
         invocation.state = DONE
+        self.observer.finished(invocation, result.status, len(result.body))  # observability hook
         delivered = False
         for waiter in invocation.waiters:
             if delivered:
@@ -291,6 +299,7 @@ class Dispatcher:
             (
                 instance.prefix,
                 invocation.ncaid_headers(),
+                self.observer.trace_headers(invocation),  # observability hook: traceparent when tracing
                 b"nvcf-poll-seconds: %d\r\n" % int(remaining),
                 invocation.client_headers,
                 b"content-length: %d\r\n\r\n" % len(invocation.body),
@@ -307,6 +316,7 @@ class Dispatcher:
         self._calls[conn] = invocation
         try:
             status, headers = await conn.read_head()
+            self.observer.first_byte(invocation)  # observability hook
             if invocation.accept_stream and status < 400 and _is_event_stream(headers):
                 waiter = self._stream_target(invocation)
                 if waiter is not None:
@@ -371,6 +381,7 @@ class Dispatcher:
         finally:
             watcher.cancel()
             invocation.state = DONE
+            self.observer.finished(invocation, status, 0)  # observability hook (stream bytes not counted)
             invocation.waiters.remove(waiter)
             waiter.wake(STREAM_BROKEN if broken else STREAMED)
             for other in invocation.waiters:

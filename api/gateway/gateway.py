@@ -51,6 +51,8 @@ from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
+from api.observability import GatewayObserver
+from api.observability.records import OUTCOME_QUEUE_FULL, OUTCOME_RATE_LIMITED
 from api.principal import Authenticate, Principal
 from api.problems import PROBLEM_CONTENT_TYPE, problem_bytes
 
@@ -159,6 +161,7 @@ class Gateway:
         settings: Limits, poll windows, result retention, this replica's id and its peers.
         route_source: Asked when an invocation misses the route table (a version the table does not
             know or does not know as invocable), before the gateway answers 404 or 400.
+        observer: Told what happens to each request: metrics and request records (its own when omitted).
 
     Attributes:
         routes: The routing table; feed it with `apply(route_memo)` and `remove(version_id)`.
@@ -170,10 +173,13 @@ class Gateway:
         authenticate: Authenticate,
         settings: GatewaySettings | None = None,
         route_source: RouteSource | None = None,
+        observer: GatewayObserver | None = None,
     ) -> None:
         self.settings = settings or GatewaySettings()
         self._authenticate = authenticate
-        self._dispatcher = Dispatcher(self.settings)
+        self.observer = observer if observer is not None else GatewayObserver()
+        self.observer.metrics.watch_load(lambda: self.routes.load_snapshot()["versions"])
+        self._dispatcher = Dispatcher(self.settings, self.observer)
         self.routes: RouteTable = self._dispatcher.routes
         self.misses: MissResolver | None = (
             MissResolver(route_source, self.routes) if route_source is not None else None
@@ -315,12 +321,13 @@ class Gateway:
             raise _Refused(403, f"The key does not belong to organization '{org}'")
         return principal
 
-    def _admit(self, version: VersionRoute, principal: Principal) -> None:
+    def _admit(self, version: VersionRoute, principal: Principal, invocation: Invocation) -> None:
         """Count the invocation against the version's rate limit; refuse it (429) when over."""
         limit = version.rate_limit
         assert limit is not None
         retry = limit.admit(principal.account, principal.key_id, time.monotonic_ns())
         if retry is not None:
+            self.observer.refused(invocation, OUTCOME_RATE_LIMITED)  # observability hook
             raise _Refused(
                 429,
                 f"Rate limit of function version '{version.version_id}' exceeded ({limit.text}); "
@@ -464,17 +471,20 @@ class Gateway:
             accept_stream,
             self.settings.request_timeout_seconds,
         )
+        self.observer.received(invocation, not version.active)  # observability hook
         if version.rate_limit is not None:
             # Counted last, so a request refused for another reason uses none of the caller's rate.
-            self._admit(version, principal)
+            self._admit(version, principal, invocation)
         try:
             self._dispatcher.submit(invocation)
         except QueueFull:
+            self.observer.refused(invocation, OUTCOME_QUEUE_FULL)  # observability hook
             raise _Refused(
                 429,
                 f"The queue of function version '{version.version_id}' is full "
                 f"({self.settings.max_queue_depth} requests waiting)",
             ) from None
+        self.observer.accepted(invocation)  # observability hook
         await self._answer(invocation, poll, send, receive, invoking=True)
 
     @staticmethod

@@ -15,6 +15,7 @@ from api.problems import PROBLEM_CONTENT_TYPE, problem_bytes
 
 if TYPE_CHECKING:
     from api.gateway.routes import Instance, VersionRoute
+    from api.observability.records import RequestRecord
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -126,6 +127,7 @@ class Invocation:
         "id",
         "id_bytes",
         "instance",
+        "observed",
         "state",
         "subject",
         "version",
@@ -160,6 +162,8 @@ class Invocation:
         self.waiters: list[Waiter] = []
         self.detached = False
         """A 202 told the client its id: the answer is kept for a poll when nobody waits."""
+        self.observed: RequestRecord | None = None
+        """Its request record, kept by the gateway's observer (metrics, GET /v2/gpufn/requests/{id})."""
 
     def ncaid_headers(self) -> bytes:
         """Return the per-request NVCF header lines that name the request and its caller."""

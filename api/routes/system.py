@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -96,22 +97,13 @@ async def load(
     return context.gateway.load_report(since, epoch)
 
 
-_GAUGES = (
-    ("queued", "gpufn_gateway_queue_depth", "Requests waiting in this replica's queue of the version."),
-    ("inFlight", "gpufn_gateway_in_flight", "Requests this replica is running on the version's instances."),
-    ("ready", "gpufn_gateway_ready_instances", "Instances this replica routes the version's requests to."),
-)
-
-
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(principal: Admin, context: Context) -> PlainTextResponse:
-    """Return the gateway's per-version gauges in Prometheus' text format (admin key)."""
+    """Return this API process's metrics in Prometheus' text format (admin key).
+
+    The same registry is served without a key on `GPUFN_API_METRICS_ADDRESS` when the operator sets one.
+    """
     if not principal.admin:
         raise ProblemError(403, "Metrics: admin key only")
-    versions: dict[str, Any] = context.gateway.load_snapshot()["versions"]
-    lines: list[str] = []
-    for field, name, help_text in _GAUGES:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        for version_id, item in sorted(versions.items()):
-            lines.append(f'{name}{{version_id="{version_id}"}} {int(item.get(field, 0))}')
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    body = generate_latest(context.gateway.observer.metrics.registry)
+    return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)

@@ -49,6 +49,7 @@ from kubernetes import client
 
 from tests.registry.servers import RegistryServer
 
+from .device_plugin import FakeGpuDevicePlugin
 from .fake_kubelet import DEFAULT_NODES, NodeConfig, dump_config, get_json
 from .images import PAUSE_TAG, ensure_images, push, write_pause_layout
 from .node import RealNode, RealNodeConfig, reap_stale_nodes
@@ -168,6 +169,7 @@ class TestCluster:
             nodes = DEFAULT_NODES if real_node is None else ()
         self.nodes = list(nodes)
         self.node: RealNode | None = None
+        self.device_plugin: FakeGpuDevicePlugin | None = None
         self.registry: RegistryServer | None = None
         self.registry_host = ""
         self._pushed: set[str] = set()
@@ -366,6 +368,9 @@ class TestCluster:
         )
         kubelet_port, healthz_port, stream_port = _free_ports(3)
         self.node.start((kubelet_port, healthz_port, stream_port))
+        if config.device_plugin:
+            self.device_plugin = FakeGpuDevicePlugin(self.node.device_plugin_dir, config.name, config.gpus)
+            self.device_plugin.start()
 
     def image(self, tag: str) -> str:
         """The registry reference of a built image (``echo:1``...), copying it into the registry on first use.
@@ -379,6 +384,23 @@ class TestCluster:
         if tag not in self._pushed:
             push(ensure_images(), tag, reference)
             self._pushed.add(tag)
+        return reference
+
+    def image_without_layers(self, tag: str, repository: str) -> str:
+        """Copy a built image into the registry as ``repository:<its tag>``, then take its blobs away.
+
+        The registry still serves the manifest (so the reference resolves to a digest), but every layer is
+        unknown to that repository: a real pull fails, as it does when a registry lost an image's layers.
+
+        Raises:
+            ClusterError: The cluster has no registry (no real node).
+        """
+        if self.registry is None:
+            raise ClusterError("images need a real node: TestCluster(real_node=RealNodeConfig())")
+        reference = f"{self.registry_host}/{repository}:{tag.rsplit(':', 1)[1]}"
+        push(ensure_images(), tag, reference)
+        links = self.registry.workdir / "storage/docker/registry/v2/repositories" / repository / "_layers"
+        shutil.rmtree(links)
         return reference
 
     def _start_controllers(self, pki: Path) -> None:
@@ -420,6 +442,9 @@ class TestCluster:
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         node_error: Exception | None = None
+        if self.device_plugin is not None:
+            self.device_plugin.stop()
+            self.device_plugin = None
         if self.node is not None:
             try:
                 self.node.stop()
@@ -498,8 +523,36 @@ class TestCluster:
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
         """The captured output of a pod's process (empty when it never started)."""
+        if self.node is not None:
+            which = ["-c", container] if container else []
+            with contextlib.suppress(ClusterError):
+                return self.kubectl("logs", "-n", namespace, pod, *which)
+            return ""
         path = self.pod_log_path(namespace, pod, container)
         return path.read_text(errors="replace") if path else ""
+
+    def kubectl(self, *args: str, timeout: float = 30.0) -> str:
+        """Run the cluster's kubectl (real node: logs and exec dial its kubelet) and return its output.
+
+        Raises:
+            ClusterError: kubectl failed.
+        """
+        done = subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig_path}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def pod_environ(self, namespace: str, pod: str, container: str | None = None) -> list[str]:
+        """The environment of a real pod's main process (its ``/proc/1/environ``, through kubectl exec)."""
+        which = ["-c", container] if container else []
+        text = self.kubectl("exec", "-n", namespace, pod, *which, "--", "cat", "/proc/1/environ")
+        return [entry for entry in text.split("\0") if entry]
 
     def component_log(self, name: str) -> str:
         """Log of a component: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, fake-kubelet."""
@@ -594,7 +647,8 @@ class TestCluster:
             wanted.add(self.real_node.name)
         for node in get_json(api.list_node)["items"]:
             if self.real_node is not None and node["metadata"]["name"] == self.real_node.name:
-                self._adopt_real_node(api, node)
+                if not self._adopt_real_node(api, node):
+                    continue
             conditions = node.get("status", {}).get("conditions") or []
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
             tainted = any(
@@ -604,28 +658,33 @@ class TestCluster:
                 wanted.discard(node["metadata"]["name"])
         return not wanted
 
-    def _adopt_real_node(self, api: client.CoreV1Api, node: dict[str, Any]) -> None:
-        """Once the real node is Ready: advertise its GPUs and lift the not-ready taint.
+    def _adopt_real_node(self, api: client.CoreV1Api, node: dict[str, Any]) -> bool:
+        """Once the real node is Ready: see to its GPUs and lift the not-ready taint.
 
-        The GPU capacity is what the NVIDIA device plugin's registration puts on a node; it is patched
-        into the node status (there is no GPU here). The taint is what the nodelifecycle controller would
-        lift; it is off in this cluster because the fake nodes send no heartbeats it would accept.
+        Returns whether the node advertises its GPUs. With the device plugin (the default) the kubelet puts
+        them into the node's capacity itself, as on a GPU node; without it (``device_plugin=False``, the
+        fallback) the capacity is patched into the node status. The taint is what the nodelifecycle
+        controller would lift; it is off in this cluster because the fake nodes send no heartbeats it would
+        accept.
         """
         assert self.real_node is not None
         conditions = node.get("status", {}).get("conditions") or []
         if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-            return
+            return False
         name = node["metadata"]["name"]
         gpus = str(self.real_node.gpus)
-        if node["status"].get("capacity", {}).get("nvidia.com/gpu") != gpus:
+        advertised = node["status"].get("capacity", {}).get("nvidia.com/gpu") == gpus
+        if not advertised and not self.real_node.device_plugin:
             body: Any = {
                 "status": {"capacity": {"nvidia.com/gpu": gpus}, "allocatable": {"nvidia.com/gpu": gpus}}
             }
             api.patch_node_status(name, body)
+            advertised = True
         taints = node["spec"].get("taints") or []
         kept = [t for t in taints if t["key"] != "node.kubernetes.io/not-ready"]
         if len(kept) != len(taints):
             api.patch_node(name, {"spec": {"taints": kept}})
+        return advertised
 
     @staticmethod
     def _sa_token_ready(api: client.CoreV1Api, namespace: str) -> bool:

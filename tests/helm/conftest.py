@@ -1,5 +1,6 @@
-"""Fixtures of the Helm-chart function tests: the test cluster, a loopback chart repository serving the echo
-example chart (examples/echo-chart), and a gpufn stack whose worker finds the cluster's helm on its PATH."""
+"""Fixtures of the Helm-chart function tests: the test cluster's real node, a loopback chart repository
+serving the echo example chart (examples/echo-chart), and a gpufn stack whose worker finds the cluster's
+helm on its PATH. The charts' pods run the echo image from the cluster's registry."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import gzip
 import io
 import json
 import subprocess
-import sys
 import tarfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -17,13 +17,20 @@ import pytest
 import yaml
 
 import tests.conftest as root
-from tests.cluster.fixtures import kube_cluster
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, running_stack
-from tests.kubernetes.conftest import ECHO_SERVER, KUBE_SETTINGS, START_TIMEOUT, group, kube_api
+from tests.kubernetes.conftest import (
+    ECHO_IMAGE,
+    START_TIMEOUT,
+    group,
+    kube_api,
+    kube_cluster,
+    real_cluster,
+    stack_settings,
+)
 from tests.registry.servers import StaticServer
 
-__all__ = ["group", "kube_api", "kube_cluster"]
+__all__ = ["group", "kube_api", "kube_cluster", "real_cluster"]
 
 ECHO_CHART = Path(root.ROOT) / "examples" / "echo-chart"
 CHART_PATH = "/charts/echo-0.1.0.tgz"
@@ -43,7 +50,7 @@ spec:
       restartPolicy: Never
       containers:
         - name: warm-up
-          image: busybox
+          image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
           command: {{ toJson .Values.warmUpCommand }}
 """
 
@@ -64,9 +71,12 @@ def package_chart(directory: Path, extra: Mapping[str, str] | None = None) -> by
     return gzip.compress(buffer.getvalue(), mtime=0)
 
 
-def echo_values(**extra: Any) -> dict[str, Any]:
-    """A deployment `configuration` running the echo example: the fake kubelet runs the pod's command here."""
-    return {"command": [sys.executable, str(ECHO_SERVER)], **extra}
+def echo_values(cluster: TestCluster, **extra: Any) -> dict[str, Any]:
+    """A deployment `configuration` running the echo image from the cluster's registry (its own command),
+    whose pods are given little time to stop (as gpufn's own pods are in these tests)."""
+    repository, tag = cluster.image(ECHO_IMAGE).rsplit(":", 1)
+    image = {"repository": repository, "tag": tag}
+    return {"image": image, "command": [], "terminationGracePeriodSeconds": 5, **extra}
 
 
 def helm_function(name: str, chart_url: str, **overrides: Any) -> dict[str, Any]:
@@ -128,6 +138,6 @@ async def helm_stack(
         kubeconfigs=[Path(kube_cluster.kubeconfig_path)],
         instance_start_timeout=START_TIMEOUT,
         helm_executable=str(kube_cluster.helm_path),
-        **KUBE_SETTINGS,
+        **stack_settings(kube_cluster),
     ) as stack:
         yield stack

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -387,21 +388,50 @@ class TestCluster:
         return reference
 
     def image_without_layers(self, tag: str, repository: str) -> str:
-        """Copy a built image into the registry as ``repository:<its tag>``, then take its blobs away.
+        """Make ``repository:<tag's tag>`` in the registry: a built image given a config of its own (so no
+        node has it yet), then take its blobs away.
 
-        The registry still serves the manifest (so the reference resolves to a digest), but every layer is
-        unknown to that repository: a real pull fails, as it does when a registry lost an image's layers.
+        The registry still serves the manifest (so the reference resolves to a digest), but the config and
+        every layer are unknown to that repository: a real pull fails, as it does when a registry lost an
+        image's blobs.
 
         Raises:
             ClusterError: The cluster has no registry (no real node).
         """
-        if self.registry is None:
-            raise ClusterError("images need a real node: TestCluster(real_node=RealNodeConfig())")
-        reference = f"{self.registry_host}/{repository}:{tag.rsplit(':', 1)[1]}"
-        push(ensure_images(), tag, reference)
+        self.image(tag)
+        assert self.registry is not None
+        source, version = tag.rsplit(":", 1)
+        base = f"http://{self.registry_host}/v2"
+        oci = "application/vnd.oci.image.manifest.v1+json"
+
+        def call(method: str, path: str, body: bytes | None = None, content_type: str = "") -> Any:
+            url = path if path.startswith("http") else f"{base}/{path}"
+            request = urllib.request.Request(url, data=body, method=method)
+            request.add_header("Accept", oci)
+            if content_type:
+                request.add_header("Content-Type", content_type)
+            with urllib.request.urlopen(request, timeout=30) as response:
+                location = response.headers.get("Location") or ""
+                data = response.read()
+            return location if method == "POST" else data
+
+        manifest = json.loads(call("GET", f"{source}/manifests/{version}"))
+        config = json.loads(call("GET", f"{source}/blobs/{manifest['config']['digest']}"))
+        config.setdefault("config", {}).setdefault("Labels", {})["gpufn.test/unique"] = secrets.token_hex(8)
+        config_bytes = json.dumps(config).encode()
+        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        for layer in manifest["layers"]:
+            call("POST", f"{repository}/blobs/uploads/?mount={layer['digest']}&from={source}", b"")
+        upload = call("POST", f"{repository}/blobs/uploads/", b"")
+        if upload.startswith("/"):
+            upload = f"http://{self.registry_host}{upload}"
+        separator = "&" if "?" in upload else "?"
+        call("PUT", f"{upload}{separator}digest={config_digest}", config_bytes, "application/octet-stream")
+        manifest["config"] = {**manifest["config"], "digest": config_digest, "size": len(config_bytes)}
+        call("PUT", f"{repository}/manifests/{version}", json.dumps(manifest).encode(), oci)
         links = self.registry.workdir / "storage/docker/registry/v2/repositories" / repository / "_layers"
         shutil.rmtree(links)
-        return reference
+        return f"{self.registry_host}/{repository}:{version}"
 
     def _start_controllers(self, pki: Path) -> None:
         wd = self.workdir

@@ -35,6 +35,7 @@ __all__ = ["group", "kube_api", "kube_cluster", "real_cluster"]
 ECHO_CHART = Path(root.ROOT) / "examples" / "echo-chart"
 CHART_PATH = "/charts/echo-0.1.0.tgz"
 SLOW_CHART_PATH = "/slow/echo-0.1.0.tgz"
+SIDECAR_CHART_PATH = "/sidecar/echo-0.1.0.tgz"
 SLOW_INSTALL_HOOK = """\
 # A pre-install hook that takes a while: helm keeps the release pending-install until it is done.
 apiVersion: batch/v1
@@ -69,6 +70,35 @@ def package_chart(directory: Path, extra: Mapping[str, str] | None = None) -> by
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return gzip.compress(buffer.getvalue(), mtime=0)
+
+
+def chart_with_init_and_sidecar() -> bytes:
+    """The echo chart whose pod also has an init container that writes a file into a shared volume, and a
+    second container that prints that file and stays up (both run the chart's image)."""
+    template = (ECHO_CHART / "templates" / "deployment.yaml").read_text()
+    containers = "      containers:\n        - name: echo\n"
+    assert containers in template
+    image = '"{{ .Values.image.repository }}:{{ .Values.image.tag }}"'
+    extra = f"""      volumes:
+        - name: models
+          emptyDir: {{}}
+      initContainers:
+        - name: fetch-model
+          image: {image}
+          command: ["sh", "-c", "echo weights-ready > /models/model.txt"]
+          volumeMounts:
+            - name: models
+              mountPath: /models
+      containers:
+        - name: sidecar
+          image: {image}
+          command: ["sh", "-c", "cat /models/model.txt; exec sleep infinity"]
+          volumeMounts:
+            - name: models
+              mountPath: /models
+        - name: echo
+"""
+    return package_chart(ECHO_CHART, {"templates/deployment.yaml": template.replace(containers, extra)})
 
 
 def echo_values(cluster: TestCluster, **extra: Any) -> dict[str, Any]:
@@ -120,6 +150,7 @@ async def charts() -> AsyncIterator[StaticServer]:
         {
             CHART_PATH: package_chart(ECHO_CHART),
             SLOW_CHART_PATH: package_chart(ECHO_CHART, {"templates/warm-up.yaml": SLOW_INSTALL_HOOK}),
+            SIDECAR_CHART_PATH: chart_with_init_and_sidecar(),
         }
     )
     await server.start()

@@ -17,7 +17,14 @@ from activities.kube.releases import release_name, release_namespace
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, eventually
-from tests.helm.conftest import CHART_PATH, SLOW_CHART_PATH, echo_values, helm_function, run_helm
+from tests.helm.conftest import (
+    CHART_PATH,
+    SIDECAR_CHART_PATH,
+    SLOW_CHART_PATH,
+    echo_values,
+    helm_function,
+    run_helm,
+)
 from tests.kubernetes.conftest import gpu_spec
 from tests.lifecycle.helpers import (
     create,
@@ -148,6 +155,31 @@ async def test_helm_function_deploys_and_answers_through_the_gateway(
     await undeploy(helm_stack, function)
 
 
+async def test_chart_pods_run_their_init_container_and_every_container(
+    kube_cluster: TestCluster, helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
+) -> None:
+    function = await create(helm_stack, helm_function("helm-sidecar", charts.url + SIDECAR_CHART_PATH))
+    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(kube_cluster)))
+    [instance] = (await wait_running(helm_stack, function, 1, timeout=90))["instances"]
+    namespace = namespace_of(function)
+    pod = read_json(client.CoreV1Api(kube_api).read_namespaced_pod, instance["instanceId"], namespace)
+    # The init container ran to completion before the others started; both containers run and are ready.
+    [init] = pod["status"]["initContainerStatuses"]
+    assert (init["name"], init["state"]["terminated"]["exitCode"]) == ("fetch-model", 0)
+    statuses = {c["name"]: c for c in pod["status"]["containerStatuses"]}
+    assert set(statuses) == {"echo", "sidecar"}
+    assert all(c["ready"] and "running" in c["state"] for c in statuses.values()), statuses
+    # The sidecar read what the init container wrote into their shared volume.
+    assert kube_cluster.pod_log(namespace, instance["instanceId"], "sidecar").strip() == "weights-ready"
+    # The GPU went to the container that serves (the one behind the Service), not to the sidecar.
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert containers["echo"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert "resources" not in containers["sidecar"] or not containers["sidecar"]["resources"]
+    answer = await answers(helm_stack, function, {"with": "sidecar"})
+    assert answer.json() == {"with": "sidecar"}
+    await undeploy(helm_stack, function)
+
+
 async def test_put_scales_the_release_through_its_values(
     helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
 ) -> None:
@@ -196,7 +228,9 @@ async def test_undeploy_uninstalls_the_release_and_leaves_nothing(
     async def namespace_gone() -> bool:
         return not namespace_exists(kube_api, function)
 
-    await eventually(namespace_gone, timeout=60)
+    # The namespace controller deletes the namespace once its real pods are gone, re-checking with a
+    # back-off: allow it a while.
+    await eventually(namespace_gone, timeout=120)
     everywhere = run_helm(kube_cluster, "list", "--all", "--all-namespaces")
     assert release_of(function) not in [r["name"] for r in everywhere]
     pods = read_json(client.CoreV1Api(kube_api).list_pod_for_all_namespaces)["items"]

@@ -15,7 +15,7 @@ the node (``cached``), and a Deployment scaled 0 -> 1 while a client keeps calli
 This measures the node's part of a gpufn deployment; gpufn's own workflow and gateway overheads are measured
 by bench/invoke.py and bench/autoscale.py.
 
-Usage: python bench/cold_start.py [--repeat 3]
+Usage (from the repository root): PYTHONPATH=. .venv/bin/python bench/cold_start.py [--repeat 3]
 """
 
 from __future__ import annotations

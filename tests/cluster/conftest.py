@@ -1,3 +1,3 @@
-from .fixtures import kube_cluster, kube_namespace
+from .fixtures import kube_cluster, kube_namespace, real_cluster
 
-__all__ = ["kube_cluster", "kube_namespace"]
+__all__ = ["kube_cluster", "kube_namespace", "real_cluster"]

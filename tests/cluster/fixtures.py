@@ -20,6 +20,8 @@ import pytest
 from kubernetes import client
 
 from .harness import TestCluster, ensure_binaries
+from .images import ensure_images
+from .node import RealNodeConfig
 
 T = TypeVar("T")
 
@@ -36,30 +38,50 @@ def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
 
 
-# One cluster per test process, shared by every place that imports the fixture. Pytest makes a separate
-# session fixture of each module or conftest that imports ``kube_cluster``; without this they would each
-# boot a cluster. The last one to tear down stops it.
-_shared: TestCluster | None = None
-_users = 0
+REAL_NODE = RealNodeConfig(name="gpu-node-1", gpus=8)
+"""The real cluster's only node: containerd + kubelet, 8 H100s advertised."""
+
+# One cluster of each kind per test process, shared by every place that imports the fixtures. Pytest makes a
+# separate session fixture of each module or conftest that imports one; without this they would each boot a
+# cluster. The last user to tear down stops it.
+_shared: dict[str, TestCluster] = {}
+_users: dict[str, int] = {}
+
+
+def _session_cluster(kind: str) -> Iterator[TestCluster]:
+    """Yield the session's cluster of ``kind`` ("fake" or "real"), booting it for its first user."""
+    if os.environ.get("GPUFN_KUBE_TESTS") == "0":
+        pytest.skip("GPUFN_KUBE_TESTS=0")
+    if kind not in _shared:
+        ensure_binaries()
+        if kind == "real":
+            ensure_images()
+            _shared[kind] = TestCluster(real_node=REAL_NODE).start()
+        else:
+            _shared[kind] = TestCluster().start()
+    _users[kind] = _users.get(kind, 0) + 1
+    try:
+        yield _shared[kind]
+    finally:
+        _users[kind] -= 1
+        if _users[kind] == 0:
+            _shared.pop(kind).stop()
 
 
 @pytest.fixture(scope="session")
 def kube_cluster() -> Iterator[TestCluster]:
-    """The started cluster, for the whole session (builds the binaries first if they are missing)."""
-    global _shared, _users
-    if os.environ.get("GPUFN_KUBE_TESTS") == "0":
-        pytest.skip("GPUFN_KUBE_TESTS=0")
-    if _shared is None:
-        ensure_binaries()
-        _shared = TestCluster().start()
-    _users += 1
-    try:
-        yield _shared
-    finally:
-        _users -= 1
-        if _users == 0:
-            _shared.stop()
-            _shared = None
+    """The cluster with fake nodes (pods are local processes), for the whole session.
+
+    Still used by tests/registry and tests/platform_chart; the backend tests run on ``real_cluster``.
+    """
+    yield from _session_cluster("fake")
+
+
+@pytest.fixture(scope="session")
+def real_cluster() -> Iterator[TestCluster]:
+    """The cluster whose only node is real (``REAL_NODE``), for the whole session: pods run images from its
+    registry (``real_cluster.image("echo:1")``). Builds the binaries and images first if they are missing."""
+    yield from _session_cluster("real")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -49,6 +50,7 @@ from kubernetes import client
 
 from tests.registry.servers import RegistryServer
 
+from .device_plugin import FakeGpuDevicePlugin
 from .fake_kubelet import DEFAULT_NODES, NodeConfig, dump_config, get_json
 from .images import PAUSE_TAG, ensure_images, push, write_pause_layout
 from .node import RealNode, RealNodeConfig, reap_stale_nodes
@@ -168,6 +170,7 @@ class TestCluster:
             nodes = DEFAULT_NODES if real_node is None else ()
         self.nodes = list(nodes)
         self.node: RealNode | None = None
+        self.device_plugin: FakeGpuDevicePlugin | None = None
         self.registry: RegistryServer | None = None
         self.registry_host = ""
         self._pushed: set[str] = set()
@@ -366,6 +369,9 @@ class TestCluster:
         )
         kubelet_port, healthz_port, stream_port = _free_ports(3)
         self.node.start((kubelet_port, healthz_port, stream_port))
+        if config.device_plugin:
+            self.device_plugin = FakeGpuDevicePlugin(self.node.device_plugin_dir, config.name, config.gpus)
+            self.device_plugin.start()
 
     def image(self, tag: str) -> str:
         """The registry reference of a built image (``echo:1``...), copying it into the registry on first use.
@@ -380,6 +386,52 @@ class TestCluster:
             push(ensure_images(), tag, reference)
             self._pushed.add(tag)
         return reference
+
+    def image_without_layers(self, tag: str, repository: str) -> str:
+        """Make ``repository:<tag's tag>`` in the registry: a built image given a config of its own (so no
+        node has it yet), then take its blobs away.
+
+        The registry still serves the manifest (so the reference resolves to a digest), but the config and
+        every layer are unknown to that repository: a real pull fails, as it does when a registry lost an
+        image's blobs.
+
+        Raises:
+            ClusterError: The cluster has no registry (no real node).
+        """
+        self.image(tag)
+        assert self.registry is not None
+        source, version = tag.rsplit(":", 1)
+        base = f"http://{self.registry_host}/v2"
+        oci = "application/vnd.oci.image.manifest.v1+json"
+
+        def call(method: str, path: str, body: bytes | None = None, content_type: str = "") -> Any:
+            url = path if path.startswith("http") else f"{base}/{path}"
+            request = urllib.request.Request(url, data=body, method=method)
+            request.add_header("Accept", oci)
+            if content_type:
+                request.add_header("Content-Type", content_type)
+            with urllib.request.urlopen(request, timeout=30) as response:
+                location = response.headers.get("Location") or ""
+                data = response.read()
+            return location if method == "POST" else data
+
+        manifest = json.loads(call("GET", f"{source}/manifests/{version}"))
+        config = json.loads(call("GET", f"{source}/blobs/{manifest['config']['digest']}"))
+        config.setdefault("config", {}).setdefault("Labels", {})["gpufn.test/unique"] = secrets.token_hex(8)
+        config_bytes = json.dumps(config).encode()
+        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        for layer in manifest["layers"]:
+            call("POST", f"{repository}/blobs/uploads/?mount={layer['digest']}&from={source}", b"")
+        upload = call("POST", f"{repository}/blobs/uploads/", b"")
+        if upload.startswith("/"):
+            upload = f"http://{self.registry_host}{upload}"
+        separator = "&" if "?" in upload else "?"
+        call("PUT", f"{upload}{separator}digest={config_digest}", config_bytes, "application/octet-stream")
+        manifest["config"] = {**manifest["config"], "digest": config_digest, "size": len(config_bytes)}
+        call("PUT", f"{repository}/manifests/{version}", json.dumps(manifest).encode(), oci)
+        links = self.registry.workdir / "storage/docker/registry/v2/repositories" / repository / "_layers"
+        shutil.rmtree(links)
+        return f"{self.registry_host}/{repository}:{version}"
 
     def _start_controllers(self, pki: Path) -> None:
         wd = self.workdir
@@ -420,6 +472,9 @@ class TestCluster:
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         node_error: Exception | None = None
+        if self.device_plugin is not None:
+            self.device_plugin.stop()
+            self.device_plugin = None
         if self.node is not None:
             try:
                 self.node.stop()
@@ -498,8 +553,36 @@ class TestCluster:
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
         """The captured output of a pod's process (empty when it never started)."""
+        if self.node is not None:
+            which = ["-c", container] if container else []
+            with contextlib.suppress(ClusterError):
+                return self.kubectl("logs", "-n", namespace, pod, *which)
+            return ""
         path = self.pod_log_path(namespace, pod, container)
         return path.read_text(errors="replace") if path else ""
+
+    def kubectl(self, *args: str, timeout: float = 30.0) -> str:
+        """Run the cluster's kubectl (real node: logs and exec dial its kubelet) and return its output.
+
+        Raises:
+            ClusterError: kubectl failed.
+        """
+        done = subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig_path}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def pod_environ(self, namespace: str, pod: str, container: str | None = None) -> list[str]:
+        """The environment of a real pod's main process (its ``/proc/1/environ``, through kubectl exec)."""
+        which = ["-c", container] if container else []
+        text = self.kubectl("exec", "-n", namespace, pod, *which, "--", "cat", "/proc/1/environ")
+        return [entry for entry in text.split("\0") if entry]
 
     def component_log(self, name: str) -> str:
         """Log of a component: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, fake-kubelet."""
@@ -594,7 +677,8 @@ class TestCluster:
             wanted.add(self.real_node.name)
         for node in get_json(api.list_node)["items"]:
             if self.real_node is not None and node["metadata"]["name"] == self.real_node.name:
-                self._adopt_real_node(api, node)
+                if not self._adopt_real_node(api, node):
+                    continue
             conditions = node.get("status", {}).get("conditions") or []
             ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
             tainted = any(
@@ -604,28 +688,33 @@ class TestCluster:
                 wanted.discard(node["metadata"]["name"])
         return not wanted
 
-    def _adopt_real_node(self, api: client.CoreV1Api, node: dict[str, Any]) -> None:
-        """Once the real node is Ready: advertise its GPUs and lift the not-ready taint.
+    def _adopt_real_node(self, api: client.CoreV1Api, node: dict[str, Any]) -> bool:
+        """Once the real node is Ready: see to its GPUs and lift the not-ready taint.
 
-        The GPU capacity is what the NVIDIA device plugin's registration puts on a node; it is patched
-        into the node status (there is no GPU here). The taint is what the nodelifecycle controller would
-        lift; it is off in this cluster because the fake nodes send no heartbeats it would accept.
+        Returns whether the node advertises its GPUs. With the device plugin (the default) the kubelet puts
+        them into the node's capacity itself, as on a GPU node; without it (``device_plugin=False``, the
+        fallback) the capacity is patched into the node status. The taint is what the nodelifecycle
+        controller would lift; it is off in this cluster because the fake nodes send no heartbeats it would
+        accept.
         """
         assert self.real_node is not None
         conditions = node.get("status", {}).get("conditions") or []
         if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-            return
+            return False
         name = node["metadata"]["name"]
         gpus = str(self.real_node.gpus)
-        if node["status"].get("capacity", {}).get("nvidia.com/gpu") != gpus:
+        advertised = node["status"].get("capacity", {}).get("nvidia.com/gpu") == gpus
+        if not advertised and not self.real_node.device_plugin:
             body: Any = {
                 "status": {"capacity": {"nvidia.com/gpu": gpus}, "allocatable": {"nvidia.com/gpu": gpus}}
             }
             api.patch_node_status(name, body)
+            advertised = True
         taints = node["spec"].get("taints") or []
         kept = [t for t in taints if t["key"] != "node.kubernetes.io/not-ready"]
         if len(kept) != len(taints):
             api.patch_node(name, {"spec": {"taints": kept}})
+        return advertised
 
     @staticmethod
     def _sa_token_ready(api: client.CoreV1Api, namespace: str) -> bool:

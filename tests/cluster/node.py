@@ -66,11 +66,14 @@ class RealNodeConfig:
         name: Node name.
         gpus: ``nvidia.com/gpu`` capacity advertised (there is no GPU: containers get none of it).
         gpu_product: The ``nvidia.com/gpu.product`` label, as GPU feature discovery writes it.
+        device_plugin: Advertise the GPUs through a device plugin (``device_plugin.py``), as a GPU node does;
+            False patches the capacity into the node status instead (the fallback).
     """
 
     name: str = "real-node-1"
     gpus: int = 8
     gpu_product: str = "NVIDIA-H100-80GB-HBM3"
+    device_plugin: bool = True
 
 
 def v1_hierarchies() -> list[Path]:
@@ -256,7 +259,13 @@ class RealNode:
         self.containerd_socket = workdir / "containerd" / "containerd.sock"
         self.containerd: subprocess.Popen[bytes] | None = None
         self.kubelet: subprocess.Popen[bytes] | None = None
+        # The kubelet's /var/lib/kubelet/device-plugins (fixed in 1.20), seen from the host.
+        self.device_plugin_dir = self.private_dir("/var/lib/kubelet") / "device-plugins"
         self._set_up = False
+
+    def private_dir(self, host_dir: str) -> Path:
+        """The directory of the state dir bound over ``host_dir`` in the node's mount namespace."""
+        return self.workdir / "private" / host_dir.strip("/").replace("/", "_")
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -286,7 +295,7 @@ class RealNode:
             holder.write_text(value + "\n")
             binds.append((holder, f"/proc/sys/{entry}"))
         for host_dir in PRIVATE_DIRS:
-            scratch = wd / "private" / host_dir.strip("/").replace("/", "_")
+            scratch = self.private_dir(host_dir)
             scratch.mkdir(parents=True, exist_ok=True)
             # The mount point must exist on the host; an empty directory is all that appears there.
             Path(host_dir).mkdir(parents=True, exist_ok=True)

@@ -22,25 +22,20 @@ import pytest
 from kubernetes import client
 
 from .fake_kubelet import get_json
-from .fixtures import wait_for
+from .fixtures import REAL_NODE, wait_for
 from .harness import TestCluster, ensure_binaries
 from .images import ensure_images
 from .node import RealNodeConfig, link_exists, pid_alive, reap_stale_nodes, v1_hierarchies
 
 pytestmark = pytest.mark.kubernetes
 
-NODE = RealNodeConfig(name="real-node-1", gpus=8)
+NODE = REAL_NODE
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[TestCluster]:
-    """A cluster whose only node is the real one (images built first if missing)."""
-    if os.environ.get("GPUFN_KUBE_TESTS") == "0":
-        pytest.skip("GPUFN_KUBE_TESTS=0")
-    ensure_binaries()
-    ensure_images()
-    with TestCluster(real_node=NODE) as started:
-        yield started
+def cluster(real_cluster: TestCluster) -> TestCluster:
+    """The session's cluster whose only node is the real one."""
+    return real_cluster
 
 
 @pytest.fixture
@@ -93,6 +88,28 @@ def test_node_is_ready_with_gpus_and_feature_discovery_labels(core: client.CoreV
     assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.20.2"
     assert [c["status"] for c in node["status"]["conditions"] if c["type"] == "Ready"] == ["True"]
+
+
+def test_gpus_come_from_the_device_plugin_and_reach_the_pod_that_asks(
+    cluster: TestCluster, core: client.CoreV1Api, namespace: str
+) -> None:
+    plugin = cluster.device_plugin
+    assert plugin is not None
+    # The kubelet has the plugin's devices: the capacity it reports is theirs (no patch of the node status).
+    assert len(plugin.device_ids) == NODE.gpus
+    node = get_json(core.read_node, NODE.name)
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == str(NODE.gpus)
+    pod = echo_pod("two-gpus", cluster.image("echo:1"), resources={"limits": {"nvidia.com/gpu": "2"}})
+    core.create_namespaced_pod(namespace, pod)
+    wait_for(
+        lambda: first_container(core, namespace, "two-gpus").get("ready"), 90, "the two-GPU pod to be ready"
+    )
+    environ = cluster.pod_environ(namespace, "two-gpus")
+    [visible] = [e.split("=", 1)[1] for e in environ if e.startswith("NVIDIA_VISIBLE_DEVICES=")]
+    # The kubelet asked the plugin to allocate two of its devices, and gave the container the answer.
+    devices = visible.split(",")
+    assert len(devices) == 2 and set(devices) <= set(plugin.device_ids)
+    assert devices in plugin.allocations
 
 
 def test_echo_image_runs_becomes_ready_by_probe_and_serves_on_its_pod_ip(

@@ -1,5 +1,6 @@
-"""Fixtures of the Helm-chart function tests: the test cluster, a loopback chart repository serving the echo
-example chart (examples/echo-chart), and a gpufn stack whose worker finds the cluster's helm on its PATH."""
+"""Fixtures of the Helm-chart function tests: the test cluster's real node, a loopback chart repository
+serving the echo example chart (examples/echo-chart), and a gpufn stack whose worker finds the cluster's
+helm on its PATH. The charts' pods run the echo image from the cluster's registry."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import gzip
 import io
 import json
 import subprocess
-import sys
 import tarfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -17,17 +17,25 @@ import pytest
 import yaml
 
 import tests.conftest as root
-from tests.cluster.fixtures import kube_cluster
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, running_stack
-from tests.kubernetes.conftest import ECHO_SERVER, KUBE_SETTINGS, START_TIMEOUT, group, kube_api
+from tests.kubernetes.conftest import (
+    ECHO_IMAGE,
+    START_TIMEOUT,
+    group,
+    kube_api,
+    kube_cluster,
+    real_cluster,
+    stack_settings,
+)
 from tests.registry.servers import StaticServer
 
-__all__ = ["group", "kube_api", "kube_cluster"]
+__all__ = ["group", "kube_api", "kube_cluster", "real_cluster"]
 
 ECHO_CHART = Path(root.ROOT) / "examples" / "echo-chart"
 CHART_PATH = "/charts/echo-0.1.0.tgz"
 SLOW_CHART_PATH = "/slow/echo-0.1.0.tgz"
+SIDECAR_CHART_PATH = "/sidecar/echo-0.1.0.tgz"
 SLOW_INSTALL_HOOK = """\
 # A pre-install hook that takes a while: helm keeps the release pending-install until it is done.
 apiVersion: batch/v1
@@ -43,7 +51,7 @@ spec:
       restartPolicy: Never
       containers:
         - name: warm-up
-          image: busybox
+          image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
           command: {{ toJson .Values.warmUpCommand }}
 """
 
@@ -64,9 +72,41 @@ def package_chart(directory: Path, extra: Mapping[str, str] | None = None) -> by
     return gzip.compress(buffer.getvalue(), mtime=0)
 
 
-def echo_values(**extra: Any) -> dict[str, Any]:
-    """A deployment `configuration` running the echo example: the fake kubelet runs the pod's command here."""
-    return {"command": [sys.executable, str(ECHO_SERVER)], **extra}
+def chart_with_init_and_sidecar() -> bytes:
+    """The echo chart whose pod also has an init container that writes a file into a shared volume, and a
+    second container that prints that file and stays up (both run the chart's image)."""
+    template = (ECHO_CHART / "templates" / "deployment.yaml").read_text()
+    containers = "      containers:\n        - name: echo\n"
+    assert containers in template
+    image = '"{{ .Values.image.repository }}:{{ .Values.image.tag }}"'
+    extra = f"""      volumes:
+        - name: models
+          emptyDir: {{}}
+      initContainers:
+        - name: fetch-model
+          image: {image}
+          command: ["sh", "-c", "echo weights-ready > /models/model.txt"]
+          volumeMounts:
+            - name: models
+              mountPath: /models
+      containers:
+        - name: sidecar
+          image: {image}
+          command: ["sh", "-c", "cat /models/model.txt; exec sleep infinity"]
+          volumeMounts:
+            - name: models
+              mountPath: /models
+        - name: echo
+"""
+    return package_chart(ECHO_CHART, {"templates/deployment.yaml": template.replace(containers, extra)})
+
+
+def echo_values(cluster: TestCluster, **extra: Any) -> dict[str, Any]:
+    """A deployment `configuration` running the echo image from the cluster's registry (its own command),
+    whose pods are given little time to stop (as gpufn's own pods are in these tests)."""
+    repository, tag = cluster.image(ECHO_IMAGE).rsplit(":", 1)
+    image = {"repository": repository, "tag": tag}
+    return {"image": image, "command": [], "terminationGracePeriodSeconds": 5, **extra}
 
 
 def helm_function(name: str, chart_url: str, **overrides: Any) -> dict[str, Any]:
@@ -110,6 +150,7 @@ async def charts() -> AsyncIterator[StaticServer]:
         {
             CHART_PATH: package_chart(ECHO_CHART),
             SLOW_CHART_PATH: package_chart(ECHO_CHART, {"templates/warm-up.yaml": SLOW_INSTALL_HOOK}),
+            SIDECAR_CHART_PATH: chart_with_init_and_sidecar(),
         }
     )
     await server.start()
@@ -128,6 +169,6 @@ async def helm_stack(
         kubeconfigs=[Path(kube_cluster.kubeconfig_path)],
         instance_start_timeout=START_TIMEOUT,
         helm_executable=str(kube_cluster.helm_path),
-        **KUBE_SETTINGS,
+        **stack_settings(kube_cluster),
     ) as stack:
         yield stack

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -63,7 +62,7 @@ async def test_chart_pods_get_the_gpus_and_the_secrets(
             secrets=[{"name": "MODEL_TOKEN", "value": secret_value}],
         ),
     )
-    await deploy(helm_stack, function, gpu_spec(group, gpus=2, configuration=echo_values()))
+    await deploy(helm_stack, function, gpu_spec(group, gpus=2, configuration=echo_values(kube_cluster)))
     try:
         [instance] = (await wait_running(helm_stack, function, 1, timeout=60))["instances"]
         ref = VersionRef(
@@ -97,16 +96,15 @@ async def test_chart_pods_get_the_gpus_and_the_secrets(
         )
         assert secret_value not in json.dumps(computed)
         assert {"secretRef": {"name": "gpufn-secrets"}} in container["envFrom"]
-        pid = int((kube_cluster.kubelet_state_dir / "pids" / f"{pod['metadata']['uid']}.pid").read_text())
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert f"MODEL_TOKEN={secret_value}".encode() in environ
+        environ = kube_cluster.pod_environ(namespace, pod["metadata"]["name"])
+        assert f"MODEL_TOKEN={secret_value}" in environ
 
         # An updated secret reaches the pods started afterwards.
         path = f"/v2/nvcf/secrets/functions/{function['id']}/versions/{function['versionId']}"
         response = await helm_stack.http.put(path, json={"secrets": [{"name": "MODEL_TOKEN", "value": "v2"}]})
         assert response.status_code == 204, response.text
         response = await helm_stack.http.put(
-            deployment_path(function), json=gpu_spec(group, 2, 2, 2, configuration=echo_values())
+            deployment_path(function), json=gpu_spec(group, 2, 2, 2, configuration=echo_values(kube_cluster))
         )
         assert response.status_code == 200, response.text
         await wait_running(helm_stack, function, 2, timeout=60)
@@ -128,10 +126,14 @@ async def test_chart_pods_get_the_gpus_and_the_secrets(
 
 
 async def test_chart_that_ignores_its_gpu_values_ends_in_error(
-    helm_stack: Stack, gpu_charts: StaticServer, kube_api: client.ApiClient, group: str
+    kube_cluster: TestCluster,
+    helm_stack: Stack,
+    gpu_charts: StaticServer,
+    kube_api: client.ApiClient,
+    group: str,
 ) -> None:
     function = await create(helm_stack, helm_function("helm-no-gpus", gpu_charts.url + NO_GPU_CHART_PATH))
-    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values()))
+    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(kube_cluster)))
     body = await wait_status(helm_stack, function, "ERROR", timeout=30)
     [info] = body["healthInfo"]
     assert "No pod of the chart asks for the instance type's 1 GPU(s)" in info["error"], info

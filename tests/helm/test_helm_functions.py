@@ -1,12 +1,11 @@
 """Helm-chart functions end to end: the echo example chart served by a loopback chart repository, installed
-with helm by a real worker process into the test cluster (real API server, scheduler and controllers, a fake
-kubelet running the pods as local processes), and invoked through the API's gateway over HTTP."""
+with helm by a real worker process into the test cluster (real API server, scheduler and controllers, a real
+node running the echo image), and invoked through the API's gateway over HTTP."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,14 @@ from activities.kube.releases import release_name, release_namespace
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, eventually
-from tests.helm.conftest import CHART_PATH, SLOW_CHART_PATH, echo_values, helm_function, run_helm
+from tests.helm.conftest import (
+    CHART_PATH,
+    SIDECAR_CHART_PATH,
+    SLOW_CHART_PATH,
+    echo_values,
+    helm_function,
+    run_helm,
+)
 from tests.kubernetes.conftest import gpu_spec
 from tests.lifecycle.helpers import (
     create,
@@ -108,7 +114,7 @@ async def test_helm_function_deploys_and_answers_through_the_gateway(
 ) -> None:
     function = await create(helm_stack, helm_function("helm-echo", charts.url + CHART_PATH))
     assert function["helmChartServiceName"] == "echo"
-    configuration = echo_values(env={"ECHO_GREETING": "from-configuration"})
+    configuration = echo_values(kube_cluster, env={"ECHO_GREETING": "from-configuration"})
     await deploy(helm_stack, function, gpu_spec(group, configuration=configuration))
     body = await wait_status(helm_stack, function, "ACTIVE", timeout=60)
     [instance] = body["instances"]
@@ -135,8 +141,8 @@ async def test_helm_function_deploys_and_answers_through_the_gateway(
     created = read_json(apps.read_namespaced_deployment, release_of(function), namespace)
     [container] = created["spec"]["template"]["spec"]["containers"]
     assert {"name": "ECHO_GREETING", "value": "from-configuration"} in container["env"]
-    pid = int((kube_cluster.kubelet_state_dir / "pids" / f"{pod['metadata']['uid']}.pid").read_text())
-    assert b"ECHO_GREETING=from-configuration" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    environ = kube_cluster.pod_environ(namespace, pod["metadata"]["name"])
+    assert "ECHO_GREETING=from-configuration" in environ
 
     # The namespace records the release, for observing and tearing down by version id alone.
     recorded = read_json(core.read_namespace, namespace)["metadata"]
@@ -149,11 +155,36 @@ async def test_helm_function_deploys_and_answers_through_the_gateway(
     await undeploy(helm_stack, function)
 
 
+async def test_chart_pods_run_their_init_container_and_every_container(
+    kube_cluster: TestCluster, helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
+) -> None:
+    function = await create(helm_stack, helm_function("helm-sidecar", charts.url + SIDECAR_CHART_PATH))
+    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(kube_cluster)))
+    [instance] = (await wait_running(helm_stack, function, 1, timeout=90))["instances"]
+    namespace = namespace_of(function)
+    pod = read_json(client.CoreV1Api(kube_api).read_namespaced_pod, instance["instanceId"], namespace)
+    # The init container ran to completion before the others started; both containers run and are ready.
+    [init] = pod["status"]["initContainerStatuses"]
+    assert (init["name"], init["state"]["terminated"]["exitCode"]) == ("fetch-model", 0)
+    statuses = {c["name"]: c for c in pod["status"]["containerStatuses"]}
+    assert set(statuses) == {"echo", "sidecar"}
+    assert all(c["ready"] and "running" in c["state"] for c in statuses.values()), statuses
+    # The sidecar read what the init container wrote into their shared volume.
+    assert kube_cluster.pod_log(namespace, instance["instanceId"], "sidecar").strip() == "weights-ready"
+    # The GPU went to the container that serves (the one behind the Service), not to the sidecar.
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert containers["echo"]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert "resources" not in containers["sidecar"] or not containers["sidecar"]["resources"]
+    answer = await answers(helm_stack, function, {"with": "sidecar"})
+    assert answer.json() == {"with": "sidecar"}
+    await undeploy(helm_stack, function)
+
+
 async def test_put_scales_the_release_through_its_values(
     helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
 ) -> None:
     function = await create(helm_stack, helm_function("helm-scale", charts.url + CHART_PATH))
-    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values()))
+    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(kube_cluster)))
     body = await wait_running(helm_stack, function, 1, timeout=60)
     [first] = [i["instanceId"] for i in body["instances"]]
     namespace = namespace_of(function)
@@ -184,7 +215,7 @@ async def test_undeploy_uninstalls_the_release_and_leaves_nothing(
     helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
 ) -> None:
     function = await create(helm_stack, helm_function("helm-undeploy", charts.url + CHART_PATH))
-    await deploy(helm_stack, function, gpu_spec(group, 1, 2, 2, configuration=echo_values()))
+    await deploy(helm_stack, function, gpu_spec(group, 1, 2, 2, configuration=echo_values(kube_cluster)))
     await wait_running(helm_stack, function, 2, timeout=60)
     assert len(releases(kube_cluster, function)) == 1
 
@@ -197,7 +228,9 @@ async def test_undeploy_uninstalls_the_release_and_leaves_nothing(
     async def namespace_gone() -> bool:
         return not namespace_exists(kube_api, function)
 
-    await eventually(namespace_gone, timeout=60)
+    # The namespace controller deletes the namespace once its real pods are gone, re-checking with a
+    # back-off: allow it a while.
+    await eventually(namespace_gone, timeout=120)
     everywhere = run_helm(kube_cluster, "list", "--all", "--all-namespaces")
     assert release_of(function) not in [r["name"] for r in everywhere]
     pods = read_json(client.CoreV1Api(kube_api).list_pod_for_all_namespaces)["items"]
@@ -205,10 +238,14 @@ async def test_undeploy_uninstalls_the_release_and_leaves_nothing(
 
 
 async def test_chart_that_fails_to_render_ends_in_error_with_helms_message(
-    helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
+    kube_cluster: TestCluster, helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
 ) -> None:
     function = await create(helm_stack, helm_function("helm-unrenderable", charts.url + CHART_PATH))
-    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(env=["not", "a", "map"])))
+    await deploy(
+        helm_stack,
+        function,
+        gpu_spec(group, configuration=echo_values(kube_cluster, env=["not", "a", "map"])),
+    )
     body = await wait_status(helm_stack, function, "ERROR", timeout=30)
     [info] = body["healthInfo"]
     assert "execution error at (echo/templates/deployment.yaml" in info["error"], info
@@ -219,13 +256,13 @@ async def test_chart_that_fails_to_render_ends_in_error_with_helms_message(
 
 
 async def test_chart_without_the_named_service_ends_in_error(
-    helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
+    kube_cluster: TestCluster, helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
 ) -> None:
     function = await create(
         helm_stack,
         helm_function("helm-no-service", charts.url + CHART_PATH, helmChartServiceName="inference"),
     )
-    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values()))
+    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(kube_cluster)))
     body = await wait_status(helm_stack, function, "ERROR", timeout=30)
     [info] = body["healthInfo"]
     assert "renders no Service named 'inference'" in info["error"], info
@@ -234,10 +271,12 @@ async def test_chart_without_the_named_service_ends_in_error(
 
 
 async def test_chart_the_api_server_refuses_ends_in_error_with_helms_message(
-    helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
+    kube_cluster: TestCluster, helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, group: str
 ) -> None:
     function = await create(helm_stack, helm_function("helm-refused", charts.url + CHART_PATH))
-    await deploy(helm_stack, function, gpu_spec(group, configuration=echo_values(env={"NOT VALID": "x"})))
+    await deploy(
+        helm_stack, function, gpu_spec(group, configuration=echo_values(kube_cluster, env={"NOT VALID": "x"}))
+    )
     body = await wait_status(helm_stack, function, "ERROR", timeout=30)
     [info] = body["healthInfo"]
     assert f"Helm could not install release {release_of(function)}" in info["error"], info
@@ -254,7 +293,7 @@ async def test_worker_killed_mid_install_resumes_with_one_release(
     helm_stack: Stack, charts: StaticServer, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
 ) -> None:
     function = await create(helm_stack, helm_function("helm-worker-crash", charts.url + SLOW_CHART_PATH))
-    configuration = echo_values(warmUpCommand=[sys.executable, "-c", "import time; time.sleep(4)"])
+    configuration = echo_values(kube_cluster, warmUpCommand=["sleep", "4"])
     await deploy(helm_stack, function, gpu_spec(group, configuration=configuration))
     core = client.CoreV1Api(kube_api)
 

@@ -1,4 +1,7 @@
-"""Fixtures of the Kubernetes backend tests: the local test cluster and a gpufn stack pointed at it."""
+"""Fixtures of the Kubernetes backend tests: the test cluster's real node and a gpufn stack pointed at it.
+
+Pods run for real (containerd + kubelet): functions use the echo example's image from the cluster's registry.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +15,13 @@ from kubernetes import client
 
 import tests.conftest as root
 from gpufn.kube_inventory import cluster_group_name
-from tests.cluster.fixtures import kube_cluster
+from tests.cluster.fixtures import real_cluster
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, running_stack
 
-__all__ = ["kube_api", "kube_cluster", "kube_stack"]
+__all__ = ["echo_fields", "kube_api", "kube_cluster", "kube_stack", "real_cluster"]
 
-START_TIMEOUT = 8.0
+START_TIMEOUT = 15.0
 """Seconds a pod may stay not ready: short, so the readiness test is quick, but room for a slow start."""
 
 KUBE_SETTINGS: dict[str, Any] = {
@@ -26,9 +29,6 @@ KUBE_SETTINGS: dict[str, Any] = {
     "kube_unschedulable_timeout": 3.0,
     "kube_crash_loop_restarts": 2,
     "kube_termination_grace_seconds": 5,
-    # These tests exercise pods; their image names are placeholders no registry serves. Resolution and
-    # pinning against a real registry are tested in tests/registry.
-    "resolve_artifacts": False,
 }
 """Short bounds for the worker, so failure tests end in seconds."""
 
@@ -36,8 +36,34 @@ ECHO_SERVER = Path(root.ROOT) / "examples" / "echo" / "server.py"
 
 
 def echo_command() -> str:
-    """The echo server's command line for a pod: the fake kubelet runs it in a per-pod directory."""
+    """The echo server's command line for a pod of the fake nodes (tests/registry still uses them): the
+    fake kubelet runs it on this machine, in a per-pod directory."""
     return f"{sys.executable} {ECHO_SERVER}"
+
+
+ECHO_IMAGE = "echo:1"
+"""The echo example's image (tests/cluster/images/build.sh): its command serves, streams and probes."""
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(real_cluster: TestCluster) -> TestCluster:
+    """These tests' cluster: the one with the real node."""
+    return real_cluster
+
+
+def stack_settings(cluster: TestCluster) -> dict[str, Any]:
+    """The worker's settings for the test cluster: short bounds, and its loopback registry over HTTP."""
+    return {**KUBE_SETTINGS, "insecure_registries": [cluster.registry_host]}
+
+
+def echo_image(cluster: TestCluster) -> str:
+    """The echo image's reference in the cluster's registry; the worker pins it to its digest at deploy."""
+    return cluster.image(ECHO_IMAGE)
+
+
+def echo_container(cluster: TestCluster, **overrides: Any) -> dict[str, Any]:
+    """The create-function fields of the echo image: no `containerArgs`, the image's own command runs."""
+    return {"containerImage": echo_image(cluster), "containerArgs": None, **overrides}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +76,7 @@ async def kube_stack(
         tmp_path_factory.mktemp("gpufn-kube-home"),
         kubeconfigs=[Path(kube_cluster.kubeconfig_path)],
         instance_start_timeout=START_TIMEOUT,
-        **KUBE_SETTINGS,
+        **stack_settings(kube_cluster),
     ) as stack:
         yield stack
 
@@ -80,3 +106,9 @@ def gpu_spec(
     }
     spec.update(extra)
     return {"deploymentSpecifications": [spec]}
+
+
+@pytest.fixture(scope="session")
+def echo_fields(kube_cluster: TestCluster) -> dict[str, Any]:
+    """The create-function fields that run the echo image (see `echo_container`)."""
+    return echo_container(kube_cluster)

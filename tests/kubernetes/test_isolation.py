@@ -1,13 +1,18 @@
 """Function pods are hardened and their namespaces isolated: what gpufn creates in a real API server.
 
-The test cluster's network (the fake kubelet's, today) does not enforce NetworkPolicy, so these tests assert
-the objects that a cluster whose network plugin enforces it acts on (docs/kubernetes.md, "Isolation"); the
-API server validates them (a malformed policy is refused). The pure tests at the end check the policy for
+The test cluster's network (the CNI bridge plugin of its real node) does not enforce NetworkPolicy, so these
+tests assert the objects that a cluster whose network plugin enforces it acts on (docs/kubernetes.md,
+"Isolation"); the API server validates them (a malformed policy is refused). What the node itself enforces is
+checked from inside a running function pod: no token, not root, no privilege escalation, no way to the
+host's loopback services. The pure tests at the end check the policy for
 every combination of settings without a cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,8 @@ from activities.kube.manifests import network_policy_manifest, pod_security
 from activities.kube.names import deployment_name, namespace_name
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
-from tests.conftest import Stack, echo_function, running_stack
-from tests.kubernetes.conftest import KUBE_SETTINGS, START_TIMEOUT, echo_command, gpu_spec
+from tests.conftest import ADMIN_KEY, Stack, echo_function, running_stack
+from tests.kubernetes.conftest import START_TIMEOUT, gpu_spec, stack_settings
 from tests.lifecycle.helpers import create, deploy, deployment_path, undeploy, wait_running
 
 GATEWAY_NAMESPACE = "gpufn-platform"
@@ -40,7 +45,7 @@ async def isolated_stack(
         instance_start_timeout=START_TIMEOUT,
         kube_gateway_namespace=GATEWAY_NAMESPACE,
         kube_gateway_cidrs=[GATEWAY_CIDR],
-        **KUBE_SETTINGS,
+        **stack_settings(kube_cluster),
     ) as stack:
         yield stack
 
@@ -64,10 +69,10 @@ def peers_allow_other_namespaces(peers: list[dict[str, Any]]) -> list[dict[str, 
 
 
 async def test_function_pods_run_hardened_in_isolated_account_namespaces(
-    isolated_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], isolated_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
     core, networking = client.CoreV1Api(kube_api), client.NetworkingV1Api(kube_api)
-    function = await create(isolated_stack, echo_function("k8s-hardened", containerArgs=echo_command()))
+    function = await create(isolated_stack, echo_function("k8s-hardened", **echo_fields))
     await deploy(isolated_stack, function, gpu_spec(group))
     try:
         [instance] = (await wait_running(isolated_stack, function, 1, timeout=60))["instances"]
@@ -138,7 +143,7 @@ async def test_function_pods_run_hardened_in_isolated_account_namespaces(
 
 
 async def test_each_account_gets_its_own_isolated_namespace(
-    isolated_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], isolated_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
     core, networking = client.CoreV1Api(kube_api), client.NetworkingV1Api(kube_api)
     token = await isolated_stack.create_key("other-account", ["register_function", "deploy_function"])
@@ -146,12 +151,12 @@ async def test_each_account_gets_its_own_isolated_namespace(
     headers = isolated_stack.headers(token)
     response = await other_http.post(
         "/v2/nvcf/functions",
-        json=echo_function("k8s-other-account", containerArgs=echo_command()),
+        json=echo_function("k8s-other-account", **echo_fields),
         headers=headers,
     )
     assert response.status_code == 200, response.text
     other = response.json()["function"]
-    mine = await create(isolated_stack, echo_function("k8s-my-account", containerArgs=echo_command()))
+    mine = await create(isolated_stack, echo_function("k8s-my-account", **echo_fields))
     assert other["ncaId"] != mine["ncaId"]
     response = await other_http.post(deployment_path(other), json=gpu_spec(group), headers=headers)
     assert response.status_code == 200, response.text
@@ -172,6 +177,89 @@ async def test_each_account_gets_its_own_isolated_namespace(
         response = await other_http.delete(deployment_path(other), headers=headers)
         assert response.status_code == 200, response.text
         await undeploy(isolated_stack, mine)
+
+
+HOSTILE_PROBE = """
+import json, os, socket, sys
+found = {"uid": os.getuid(), "gid": os.getgid()}
+found["token"] = [p for p in ("/var/run/secrets/kubernetes.io/serviceaccount/token",
+                              "/run/secrets/kubernetes.io/serviceaccount/token") if os.path.exists(p)]
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+found["no_new_privs"] = status["NoNewPrivs"].strip()
+found["cap_eff"] = status["CapEff"].strip()
+found["environ"] = dict(os.environ)
+commands = []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            commands.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+        except OSError:
+            pass
+found["processes"] = commands
+reached = []
+for host, port in json.loads(sys.argv[1]):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        reached.append(f"{host}:{port}")
+    except OSError:
+        pass
+found["reached"] = reached
+print(json.dumps(found))
+"""
+"""What a hostile function would try from inside its pod: the account token, its environment, /proc, and
+the platform's ports (Temporal's, the API's, the cluster's registry and API server) on the node's address and
+on loopback. Run in the function's own container (kubectl exec: same user, same security context)."""
+
+
+async def test_a_hostile_function_finds_no_token_and_reaches_no_platform_port(
+    echo_fields: dict[str, Any],
+    isolated_stack: Stack,
+    kube_cluster: TestCluster,
+    temporal_address: str,
+    group: str,
+) -> None:
+    function = await create(isolated_stack, echo_function("k8s-hostile", **echo_fields))
+    await deploy(isolated_stack, function, gpu_spec(group))
+    try:
+        [instance] = (await wait_running(isolated_stack, function, 1, timeout=60))["instances"]
+        namespace = namespace_name("gpufn-", function["ncaId"])
+        assert kube_cluster.node is not None
+        node_ip = kube_cluster.node.node_ip
+        platform_ports = {
+            "temporal": int(temporal_address.rsplit(":", 1)[1]),
+            "api": int(isolated_stack.api_url.rsplit(":", 1)[1]),
+            "registry": int(kube_cluster.registry_host.rsplit(":", 1)[1]),
+            "kube-apiserver": int(kube_cluster.api_url.rsplit(":", 1)[1]),
+        }
+        # Each port really listens on the host (so "not reached" means the pod cannot get there).
+        for port in platform_ports.values():
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        targets = [[host, port] for host in (node_ip, "127.0.0.1") for port in platform_ports.values()]
+        output = await asyncio.to_thread(
+            kube_cluster.kubectl,
+            "exec", "-n", namespace, instance["instanceId"], "--",
+            "python3", "-c", HOSTILE_PROBE, json.dumps(targets),
+        )  # fmt: skip
+        found = json.loads(output)
+        assert found["token"] == []
+        assert (found["uid"], found["gid"]) == (1000, 1000)
+        assert found["no_new_privs"] == "1"
+        assert int(found["cap_eff"], 16) == 0
+        assert found["reached"] == [], f"the function reached {found['reached']} of {platform_ports}"
+        # Its environment holds nothing of the platform: no key, no address of Temporal or the API.
+        leaked = [
+            f"{name}={value}"
+            for name, value in found["environ"].items()
+            if ADMIN_KEY in value or temporal_address in value or isolated_stack.api_url in value
+        ]
+        assert leaked == []
+        # /proc shows its own processes only (its own PID namespace): no kubelet, containerd or platform.
+        assert found["processes"] and all(
+            "kubelet" not in c and "containerd" not in c and "temporal" not in c and "worker" not in c
+            for c in found["processes"]
+        ), found["processes"]
+    finally:
+        await undeploy(isolated_stack, function)
 
 
 # --- No cluster needed ------------------------------------------------------------------------------

@@ -1,12 +1,11 @@
-"""Container functions on Kubernetes, end to end: a real API server, scheduler and controller-manager, a fake
-kubelet running the pods as local processes, a real worker process, the API and its gateway over HTTP."""
+"""Container functions on Kubernetes, end to end: a real API server, scheduler and controller-manager, a real
+node (containerd + kubelet) running the echo image from the cluster's registry, a real worker process, the API
+and its gateway over HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import sys
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ from activities.kube.names import deployment_name, namespace_name
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.conftest import Stack, echo_function, eventually
-from tests.kubernetes.conftest import echo_command, gpu_spec
+from tests.kubernetes.conftest import ECHO_IMAGE, START_TIMEOUT, gpu_spec
 from tests.lifecycle.helpers import (
     create,
     deploy,
@@ -69,19 +68,21 @@ async def wait_gone(api: client.ApiClient, function: dict[str, Any], timeout: fl
     await eventually(gone, timeout=timeout)
 
 
-async def test_cluster_group_comes_from_the_nodes(kube_stack: Stack, group: str) -> None:
+async def test_cluster_group_comes_from_the_nodes(
+    echo_fields: dict[str, Any], kube_stack: Stack, group: str
+) -> None:
     response = await kube_stack.http.get("/v2/nvcf/clusterGroups")
     assert response.status_code == 200, response.text
     groups = {g["name"]: g for g in response.json()["clusterGroups"]}
     assert set(groups) == {"local", group}
     [gpu] = groups[group]["gpus"]
-    assert gpu["name"] == "H100" and gpu["capacity"] == 16
+    assert gpu["name"] == "H100" and gpu["capacity"] == 8
     assert [t["name"] for t in gpu["instanceTypes"]] == [
         f"{group.upper()}.GPU.H100_{n}x" for n in (1, 2, 4, 8)
     ]
     assert groups[group]["clusters"][0]["k8sVersion"] == "v1.20.2"
 
-    function = await create(kube_stack, echo_function("k8s-placement", containerArgs=echo_command()))
+    function = await create(kube_stack, echo_function("k8s-placement", **echo_fields))
     unknown_gpu = {
         "gpu": "A100",
         "instanceType": f"{group.upper()}.GPU.A100_1x",
@@ -107,13 +108,17 @@ async def test_cluster_group_comes_from_the_nodes(kube_stack: Stack, group: str)
 
 
 async def test_deploy_then_invoke_a_pod_through_the_gateway(
-    kube_stack: Stack, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
+    echo_fields: dict[str, Any],
+    kube_stack: Stack,
+    kube_api: client.ApiClient,
+    kube_cluster: TestCluster,
+    group: str,
 ) -> None:
     function = await create(
         kube_stack,
         echo_function(
             "k8s-echo",
-            containerArgs=echo_command(),
+            **echo_fields,
             containerEnvironment=[{"key": "ECHO_MODE", "value": "k8s"}],
             secrets=[{"name": "MODEL_TOKEN", "value": "s3cret-value"}],
         ),
@@ -129,7 +134,9 @@ async def test_deploy_then_invoke_a_pod_through_the_gateway(
     namespace = namespace_of(function)
     pod = read_json(core.read_namespaced_pod, instance["instanceId"], namespace)
     assert instance["address"] == f"http://{pod['status']['podIP']}:8000"
-    assert pod["spec"]["nodeName"] in {"gpu-node-1", "gpu-node-2"}
+    assert pod["spec"]["nodeName"] == "gpu-node-1"
+    # The worker pinned the image to the digest the registry serves for its tag.
+    assert pod["spec"]["containers"][0]["image"].startswith(f"{kube_cluster.registry_host}/echo@sha256:")
     name = deployment_name(function["versionId"], 0)
     created = read_json(apps.read_namespaced_deployment, name, namespace)
     labels = created["spec"]["template"]["metadata"]["labels"]
@@ -151,9 +158,8 @@ async def test_deploy_then_invoke_a_pod_through_the_gateway(
         "name": "MODEL_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": name, "key": "MODEL_TOKEN"}},
     }
-    pid = int((kube_cluster.kubelet_state_dir / "pids" / f"{pod['metadata']['uid']}.pid").read_text())
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    assert b"MODEL_TOKEN=s3cret-value" in environ and b"ECHO_MODE=k8s" in environ
+    environ = kube_cluster.pod_environ(namespace, pod["metadata"]["name"])
+    assert "MODEL_TOKEN=s3cret-value" in environ and "ECHO_MODE=k8s" in environ
 
     async def invoked() -> httpx.Response | None:
         answer = await kube_stack.http.post(pexec(function), json={"hello": "kubernetes"})
@@ -165,11 +171,11 @@ async def test_deploy_then_invoke_a_pod_through_the_gateway(
 
 
 async def test_undeploy_leaves_no_object_behind(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
     function = await create(
         kube_stack,
-        echo_function("k8s-undeploy", containerArgs=echo_command(), secrets=[{"name": "KEY", "value": "v"}]),
+        echo_function("k8s-undeploy", **echo_fields, secrets=[{"name": "KEY", "value": "v"}]),
     )
     await deploy(kube_stack, function, gpu_spec(group, min_instances=2, max_instances=2))
     await wait_running(kube_stack, function, 2, timeout=60)
@@ -177,20 +183,23 @@ async def test_undeploy_leaves_no_object_behind(
     response = await kube_stack.http.delete(deployment_path(function))
     assert response.status_code == 200, response.text
     assert response.json()["function"]["status"] == "INACTIVE"
-    # Teardown returns once the pods are gone: nothing is left when the DELETE answers.
-    assert objects_of(kube_api, function) == NOTHING
+    # The DELETE answers at once; the teardown that follows deletes every object, and waits for the pods
+    # (real ones: their processes get SIGTERM and the grace period) to be gone.
+    await wait_gone(kube_api, function, timeout=60)
     namespace = read_json(client.CoreV1Api(kube_api).read_namespace, namespace_of(function))
     assert namespace["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "gpufn"
 
 
 async def test_updated_secrets_reach_the_pods_started_afterwards(
-    kube_stack: Stack, kube_api: client.ApiClient, kube_cluster: TestCluster, group: str
+    echo_fields: dict[str, Any],
+    kube_stack: Stack,
+    kube_api: client.ApiClient,
+    kube_cluster: TestCluster,
+    group: str,
 ) -> None:
     function = await create(
         kube_stack,
-        echo_function(
-            "k8s-secret-update", containerArgs=echo_command(), secrets=[{"name": "TOKEN", "value": "v1"}]
-        ),
+        echo_function("k8s-secret-update", **echo_fields, secrets=[{"name": "TOKEN", "value": "v1"}]),
     )
     await deploy(kube_stack, function, gpu_spec(group, min_instances=1, max_instances=2))
     [first] = (await wait_running(kube_stack, function, 1, timeout=60))["instances"]
@@ -205,30 +214,27 @@ async def test_updated_secrets_reach_the_pods_started_afterwards(
     body = await wait_running(kube_stack, function, 2, timeout=60)
     [second] = [i for i in body["instances"] if i["instanceId"] != first["instanceId"]]
 
-    core = client.CoreV1Api(kube_api)
     namespace = namespace_of(function)
 
-    def environ(instance: dict[str, Any]) -> list[bytes]:
-        pod = read_json(core.read_namespaced_pod, instance["instanceId"], namespace)
-        pid = int((kube_cluster.kubelet_state_dir / "pids" / f"{pod['metadata']['uid']}.pid").read_text())
-        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    def environ(instance: dict[str, Any]) -> list[str]:
+        return kube_cluster.pod_environ(namespace, instance["instanceId"])
 
     # The running pod keeps the value it started with; the new one gets the updated value.
-    assert b"TOKEN=v1" in environ(first)
-    assert b"TOKEN=v2" in environ(second)
+    assert "TOKEN=v1" in environ(first)
+    assert "TOKEN=v2" in environ(second)
     await undeploy(kube_stack, function)
 
 
 async def test_not_enough_gpus_ends_in_error_with_the_scheduler_reason(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
-    big = await create(kube_stack, echo_function("k8s-all-gpus", containerArgs=echo_command()))
-    await deploy(kube_stack, big, gpu_spec(group, gpus=8, min_instances=2, max_instances=2))
+    big = await create(kube_stack, echo_function("k8s-all-gpus", **echo_fields))
+    await deploy(kube_stack, big, gpu_spec(group, gpus=4, min_instances=2, max_instances=2))
     try:
         await wait_status(kube_stack, big, "ACTIVE", timeout=60)
-        small = await create(kube_stack, echo_function("k8s-no-gpu-left", containerArgs=echo_command()))
+        small = await create(kube_stack, echo_function("k8s-no-gpu-left", **echo_fields))
         await deploy(kube_stack, small, gpu_spec(group))
-        reason = "Unschedulable: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+        reason = "Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
 
         async def explained() -> dict[str, Any] | None:
             # While it waits for GPUs, the instance and the deployment say why.
@@ -248,17 +254,18 @@ async def test_not_enough_gpus_ends_in_error_with_the_scheduler_reason(
         await wait_gone(kube_api, small)
     finally:
         await undeploy(kube_stack, big)
-    assert objects_of(kube_api, big) == NOTHING
+    # Its real pods hold all the GPUs until they are gone (SIGTERM, exit, the kubelet's clean-up).
+    await wait_gone(kube_api, big, timeout=60)
 
 
 async def test_object_the_api_server_refuses_ends_in_error_at_once(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
     function = await create(
         kube_stack,
         echo_function(
             "k8s-refused",
-            containerArgs=echo_command(),
+            **echo_fields,
             containerEnvironment=[{"key": "NOT VALID", "value": "x"}],
         ),
     )
@@ -272,29 +279,42 @@ async def test_object_the_api_server_refuses_ends_in_error_at_once(
 
 
 async def test_image_pull_failure_ends_in_error(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any],
+    kube_stack: Stack,
+    kube_api: client.ApiClient,
+    kube_cluster: TestCluster,
+    group: str,
 ) -> None:
+    # The registry has the image's manifest (the worker resolves it to a digest at deploy) but lost its
+    # layers: the kubelet's pull really fails.
+    broken = kube_cluster.image_without_layers(ECHO_IMAGE, "lost-layers")
     function = await create(
-        kube_stack,
-        echo_function(
-            "k8s-bad-image",
-            containerArgs=echo_command(),
-            containerImage="registry.example.com/does-not-exist:1",
-        ),
+        kube_stack, echo_function("k8s-bad-image", **{**echo_fields, "containerImage": broken})
     )
     await deploy(kube_stack, function, gpu_spec(group))
-    body = await wait_status(kube_stack, function, "ERROR", timeout=30)
+    try:
+        body = await wait_status(kube_stack, function, "ERROR", timeout=60)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; the deployment: {await deployment(kube_stack, function)}") from err
     [info] = body["healthInfo"]
     assert "could not pull its image" in info["error"], info
-    assert "ImagePullBackOff" in info["error"]
-    assert "registry.example.com/does-not-exist:1: not found" in info["error"]
-    # ERROR tears the deployment down.
-    await wait_gone(kube_api, function)
+    assert "ErrImagePull" in info["error"] or "ImagePullBackOff" in info["error"]
+    assert f"{kube_cluster.registry_host}/lost-layers@sha256:" in info["error"]
+
+    # ERROR tears the deployment down. The pod is deleted, but a 1.20 kubelet removes a pod whose container
+    # never started only once its container GC (every minute) took the sandbox away: wait for no live pod.
+    async def torn_down() -> bool:
+        return objects_of(kube_api, function, live_pods_only=True) == NOTHING
+
+    await eventually(torn_down, timeout=30)
 
 
-async def test_crash_loop_ends_in_error(kube_stack: Stack, kube_api: client.ApiClient, group: str) -> None:
-    command = f"{sys.executable} -c \"print('model weights missing'); raise SystemExit(3)\""
-    function = await create(kube_stack, echo_function("k8s-crash", containerArgs=command))
+async def test_crash_loop_ends_in_error(
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
+) -> None:
+    command = "sh -c 'echo model weights missing; exit 3'"
+    fields = {**echo_fields, "containerArgs": command}
+    function = await create(kube_stack, echo_function("k8s-crash", **fields))
     await deploy(kube_stack, function, gpu_spec(group))
     body = await wait_status(kube_stack, function, "ERROR", timeout=30)
     [info] = body["healthInfo"]
@@ -303,7 +323,9 @@ async def test_crash_loop_ends_in_error(kube_stack: Stack, kube_api: client.ApiC
     await wait_gone(kube_api, function)
 
 
-async def test_readiness_that_never_passes_ends_in_error(kube_stack: Stack, group: str) -> None:
+async def test_readiness_that_never_passes_ends_in_error(
+    echo_fields: dict[str, Any], kube_stack: Stack, group: str
+) -> None:
     health = {
         "protocol": "HTTP",
         "uri": "/not-there",
@@ -311,21 +333,19 @@ async def test_readiness_that_never_passes_ends_in_error(kube_stack: Stack, grou
         "timeout": "PT1S",
         "expectedStatusCode": 200,
     }
-    function = await create(
-        kube_stack, echo_function("k8s-never-ready", containerArgs=echo_command(), health=health)
-    )
+    function = await create(kube_stack, echo_function("k8s-never-ready", **echo_fields, health=health))
     await deploy(kube_stack, function, gpu_spec(group))
     body = await deployment(kube_stack, function)
     assert body["functionStatus"] == "DEPLOYING"
     body = await wait_status(kube_stack, function, "ERROR", timeout=40)
     [info] = body["healthInfo"]
-    assert "did not pass its readiness probe within 8 s" in info["error"], info
+    assert f"did not pass its readiness probe within {START_TIMEOUT:g} s" in info["error"], info
 
 
 async def test_deleted_pod_degrades_then_heals(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
-    function = await create(kube_stack, echo_function("k8s-heal", containerArgs=echo_command()))
+    function = await create(kube_stack, echo_function("k8s-heal", **echo_fields))
     await deploy(kube_stack, function, gpu_spec(group))
     body = await wait_status(kube_stack, function, "ACTIVE", timeout=60)
     [instance] = body["instances"]
@@ -348,15 +368,15 @@ async def test_deleted_pod_degrades_then_heals(
 
 
 async def test_scale_up_and_down_without_a_failed_request(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
-    # Pods take a few seconds to become ready, as GPU pods do (the fake kubelet's are ready at once
+    # Pods take a few seconds to become ready, as GPU pods do (the echo image's are ready in about a second
     # otherwise). Kubernetes 1.20 has no pod-deletion-cost: the backend releases the drained pod from its
     # ReplicaSet before lowering replicas, and the ReplicaSet's own replacement must still be starting
     # when the count drops, so that it (not a serving pod) is the one the ReplicaSet removes.
     slow_start = [{"key": "ECHO_START_SECONDS", "value": "3"}]
     function = await create(
-        kube_stack, echo_function("k8s-scale", containerArgs=echo_command(), containerEnvironment=slow_start)
+        kube_stack, echo_function("k8s-scale", **echo_fields, containerEnvironment=slow_start)
     )
     await deploy(kube_stack, function, gpu_spec(group))
     body = await wait_running(kube_stack, function, 1, timeout=60)
@@ -403,11 +423,11 @@ async def test_scale_up_and_down_without_a_failed_request(
 
 
 async def test_worker_killed_mid_deploy_leaves_no_duplicates(
-    kube_stack: Stack, kube_api: client.ApiClient, group: str
+    echo_fields: dict[str, Any], kube_stack: Stack, kube_api: client.ApiClient, group: str
 ) -> None:
     slow = echo_function(
         "k8s-worker-crash",
-        containerArgs=echo_command(),
+        **echo_fields,
         containerEnvironment=[{"key": "ECHO_START_SECONDS", "value": "3"}],
     )
     function = await create(kube_stack, slow)

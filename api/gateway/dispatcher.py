@@ -30,6 +30,7 @@ from api.gateway.invocations import (
     ResultStore,
     Waiter,
 )
+from api.gateway.plane import FETCH_SECONDS, Plane
 from api.gateway.routes import Instance, RouteTable, VersionRoute, header_value
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import (
@@ -73,6 +74,8 @@ class _Retry:
 
 
 _RETRY: Final = _Retry()
+_SKIP: Final = _Retry()
+"""Marker: a pulled request that must not run here (cancelled or claimed elsewhere)."""
 
 
 def response_headers(headers: HeaderList) -> HeaderList:
@@ -122,6 +125,11 @@ class Dispatcher:
         self._calls: dict[UpstreamConnection, Invocation] = {}
         """Requests being answered by an instance, by connection (for their deadline)."""
         self._maintenance: asyncio.Task[None] | None = None
+        self.plane: Plane | None = None
+        """The shared invocation plane, when configured: durable queues, records and results."""
+        self._pullers: dict[str, asyncio.Task[None]] = {}
+        """Per version, the task that pulls its shared queue while this replica has a free slot."""
+        self._slot_freed: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
         """Start sweeping expired results, timed-out queued requests and stale connections."""
@@ -137,6 +145,11 @@ class Dispatcher:
             self._maintenance = None
         for version in self.routes:
             self._fail_queue(version, 503, "The gateway is shutting down")
+        for puller in list(self._pullers.values()):
+            puller.cancel()
+        if self._pullers:
+            await asyncio.gather(*self._pullers.values(), return_exceptions=True)
+        self._pullers.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -160,6 +173,17 @@ class Dispatcher:
         if len(version.queue) >= self._settings.max_queue_depth:
             raise QueueFull
         version.queue.append(invocation)
+
+    def try_start(self, invocation: Invocation) -> bool:
+        """Start the request at once when a slot is free and nothing queues before it; else False."""
+        version = invocation.version
+        if version.queue or version.backlog:
+            return False
+        instance = version.pick()
+        if instance is None:
+            return False
+        self._start(invocation, instance)
+        return True
 
     def cancel_queued(self, invocation: Invocation) -> bool:
         """Take a request that has not started out of its queue; return False if it already started."""
@@ -213,9 +237,16 @@ class Dispatcher:
     def routes_changed(self, version: VersionRoute) -> None:
         """Start queued requests on the instances the new route may have added."""
         self._pump(version)
+        if self.plane is not None and version.active and version.version_id not in self._pullers:
+            task = asyncio.get_running_loop().create_task(self._pull_forever(version))
+            self._pullers[version.version_id] = task
+        self._slot_free(version)
 
     def route_removed(self, version: VersionRoute) -> None:
         """Fail the queued requests of a version that left the routes (forced undeploy, deletion)."""
+        puller = self._pullers.pop(version.version_id, None)
+        if puller is not None:
+            puller.cancel()
         self._fail_queue(
             version,
             503,
@@ -229,7 +260,11 @@ class Dispatcher:
     # --- answers ----------------------------------------------------------------------------------
 
     def complete(self, invocation: Invocation, result: Result) -> None:
-        """Deliver an answer to the handler waiting for it, or keep it for a poll."""
+        """Deliver an answer to the handler waiting for it, or keep it for a poll.
+
+        A durable request's undelivered answer is persisted in the plane (any replica's poll finds it);
+        a delivered one's record is marked returned.
+        """
         invocation.state = DONE
         delivered = False
         for waiter in invocation.waiters:
@@ -239,7 +274,13 @@ class Dispatcher:
                 delivered = True
         invocation.waiters.clear()
         self.pending.pop(invocation.id, None)
-        if not delivered:
+        plane = self.plane
+        if invocation.durable and plane is not None:
+            if delivered:
+                plane.spawn(plane.mark_returned(invocation.id))
+            else:
+                plane.spawn(plane.store_result(invocation, result))
+        elif not delivered:
             self.results.put(invocation, result)
 
     # --- calling instances ------------------------------------------------------------------------
@@ -247,7 +288,12 @@ class Dispatcher:
     async def _execute(self, invocation: Invocation, instance: Instance) -> None:
         version = invocation.version
         try:
-            result = await self._call(invocation, instance)
+            if invocation.fetched is not None:
+                result = await self._claim(invocation)
+                if result is None:
+                    result = await self._call(invocation, instance)
+            else:
+                result = await self._call(invocation, instance)
         except asyncio.CancelledError:
             # The gateway is closing: whoever waits gets an answer rather than silence.
             self.complete(
@@ -259,7 +305,10 @@ class Dispatcher:
             result = invocation.problem(500, "The gateway failed while handling the request")
         finally:
             self.routes.released(version, instance)
-        if result is _RETRY:
+            self._slot_free(version)
+        if result is _SKIP:
+            pass
+        elif result is _RETRY:
             invocation.state = QUEUED
             invocation.instance = None
             # Back at the head: it arrived before everything queued behind it.
@@ -270,6 +319,76 @@ class Dispatcher:
             self.route_removed(version)
         else:
             self._pump(version)
+
+    async def _claim(self, invocation: Invocation) -> Result | _Retry | None:
+        """Take a request pulled from the shared queue for this replica; a result when it must not run."""
+        fetched = invocation.fetched
+        invocation.fetched = None
+        assert self.plane is not None
+        if not await self.plane.claim(fetched):
+            # Cancelled, or taken by another replica: nothing to run, nothing to answer here.
+            invocation.state = DONE
+            self.pending.pop(invocation.id, None)
+            return _SKIP
+        if time.time() > fetched.deadline:
+            return invocation.problem(504, "No instance started the request within its timeout")
+        return None
+
+    def _slot_free(self, version: VersionRoute) -> None:
+        event = self._slot_freed.get(version.version_id)
+        if event is not None:
+            event.set()
+
+    async def _pull_forever(self, version: VersionRoute) -> None:
+        """Pull the version's shared queue whenever this replica has a free slot for it."""
+        while not version.removed:
+            try:
+                await self._pull(version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("Pulling the queue of version %s failed: %r", version.version_id, exc)
+                await asyncio.sleep(1.0)
+
+    async def _pull(self, version: VersionRoute) -> None:
+        plane = self.plane
+        assert plane is not None
+        subscription = await plane.subscribe_queue(version.version_id)
+        event = self._slot_freed.setdefault(version.version_id, asyncio.Event())
+        while not version.removed:
+            if version.pick() is None:
+                event.clear()
+                await event.wait()
+                continue
+            try:
+                messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
+            except TimeoutError:
+                version.backlog = False
+                continue
+            for message in messages:
+                instance = version.pick()
+                if instance is None:
+                    # A direct request took the slot meanwhile: back to the queue for whoever has one.
+                    await message.nak()
+                    version.backlog = True
+                    continue
+                version.backlog = message.metadata.num_pending > 0
+                queued = Plane.decode_queued(message)
+                invocation = self.pending.get(queued.request_id)
+                if invocation is None:
+                    invocation = Invocation(
+                        queued.request_id,
+                        version,
+                        queued.account,
+                        queued.subject,
+                        queued.body,
+                        queued.client_headers,
+                        False,
+                        max(0.0, queued.deadline - time.time()),
+                    )
+                invocation.durable = True
+                invocation.fetched = queued
+                self._start(invocation, instance)
 
     async def _call(self, invocation: Invocation, instance: Instance) -> Result | _Retry | None:
         version = invocation.version

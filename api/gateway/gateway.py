@@ -47,6 +47,12 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
+from api.gateway.plane import CANCELLED as RECORD_CANCELLED
+from api.gateway.plane import DONE as RECORD_DONE
+from api.gateway.plane import QUEUED as RECORD_QUEUED
+from api.gateway.plane import RETURNED as RECORD_RETURNED
+from api.gateway.plane import RUNNING as RECORD_RUNNING
+from api.gateway.plane import Plane, PlaneQueueFull, Record, failure_result
 from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
@@ -192,13 +198,36 @@ class Gateway:
         """Return the dispatcher (queues, results), for tests and diagnostics."""
         return self._dispatcher
 
+    @property
+    def plane(self) -> Plane | None:
+        """Return the shared invocation plane, when one is configured (`nats_url`)."""
+        return self._dispatcher.plane
+
     async def start(self) -> None:
-        """Start the background sweeps. Call once the event loop that serves requests runs."""
+        """Start the background sweeps (and join the invocation plane). Call once the event loop runs."""
+        settings = self.settings
+        if settings.nats_url and self._dispatcher.plane is None:
+            plane = Plane(
+                settings.nats_url,
+                settings.replica_id,
+                settings.max_queue_depth,
+                settings.result_ttl_seconds,
+                settings.result_retention_bytes_per_account,
+                settings.request_timeout_seconds,
+            )
+            await plane.start()
+            await plane.subscribe_routes(self._apply_change)
+            self._dispatcher.plane = plane
+            for version in self.routes:
+                self._dispatcher.routes_changed(version)
         await self._dispatcher.start()
 
     async def close(self) -> None:
         """Stop: fail queued requests, end calls in flight, close connections to instances."""
         await self._dispatcher.close()
+        if self._dispatcher.plane is not None:
+            await self._dispatcher.plane.close()
+            self._dispatcher.plane = None
 
     def load_snapshot(self) -> dict[str, Any]:
         """Return every routed version's queued/in-flight/ready load (the metrics' source)."""
@@ -467,6 +496,12 @@ class Gateway:
         if version.rate_limit is not None:
             # Counted last, so a request refused for another reason uses none of the caller's rate.
             self._admit(version, principal)
+        plane = self._dispatcher.plane
+        if plane is not None and not accept_stream:
+            if not self._dispatcher.try_start(invocation):
+                await self._enqueue_durable(plane, invocation)
+            await self._answer(invocation, poll, send, receive, invoking=True)
+            return
         try:
             self._dispatcher.submit(invocation)
         except QueueFull:
@@ -476,6 +511,52 @@ class Gateway:
                 f"({self.settings.max_queue_depth} requests waiting)",
             ) from None
         await self._answer(invocation, poll, send, receive, invoking=True)
+
+    async def _enqueue_durable(self, plane: Plane, invocation: Invocation) -> None:
+        """Persist a request that must wait in its version's shared queue, before it waits or is told 202."""
+        version = invocation.version
+        try:
+            await plane.enqueue(invocation, self.settings.request_timeout_seconds)
+        except PlaneQueueFull:
+            raise _Refused(
+                429,
+                f"The queue of function version '{version.version_id}' is full "
+                f"({self.settings.max_queue_depth} requests waiting)",
+            ) from None
+        invocation.durable = True
+        version.backlog = True
+        self._dispatcher.pending[invocation.id] = invocation
+        # Another replica may run it: its result then arrives on the result subject.
+        plane.spawn(self._await_remote_result(plane, invocation))
+
+    async def _await_remote_result(self, plane: Plane, invocation: Invocation) -> None:
+        """Hand a result another replica published to this replica's waiting client, if one still waits."""
+        deadline = invocation.deadline
+        while invocation.state != DONE and time.monotonic() < deadline:
+            if invocation.instance is not None:
+                return  # this replica pulled it: its own run answers the waiters
+            if not invocation.waiters:
+                # Nobody waits here any more (answered 202): a poll on any replica fetches the result.
+                if invocation.detached:
+                    self._dispatcher.pending.pop(invocation.id, None)
+                    return
+            if not await plane.wait_result(invocation.account, invocation.id, 1.0):
+                continue
+            if invocation.instance is not None or invocation.state == DONE:
+                return
+            record = await plane.record(invocation.id)
+            if record is None or record.state != RECORD_DONE:
+                await asyncio.sleep(0.05)
+                continue
+            if not invocation.waiters:
+                self._dispatcher.pending.pop(invocation.id, None)
+                return
+            result = await plane.take_result(invocation.id, record)
+            self._dispatcher.pending.pop(invocation.id, None)
+            if result is not None:
+                invocation.durable = False  # already marked returned by the take
+                self._dispatcher.complete(invocation, result)
+            return
 
     @staticmethod
     async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -557,10 +638,17 @@ class Gateway:
                 )
             if waiter in invocation.waiters:
                 invocation.waiters.remove(waiter)
+        plane = self._dispatcher.plane
+        if plane is not None and not invocation.durable and invocation.state != DONE:
+            # About to be told 202: from now on any replica must be able to answer its poll.
+            invocation.durable = True
+            await plane.mark_running(invocation)
         if invocation.state == DONE:
             # Finished between the poll window's end and now: the answer waits in the store.
             result = self._dispatcher.results.take(invocation.id, None)
             if result is not None:
+                if plane is not None:
+                    plane.spawn(plane.mark_returned(invocation.id))
                 await result.send(send)
                 return
         invocation.detached = True
@@ -606,6 +694,11 @@ class Gateway:
             await result.send(send)
             return
         invocation = self._dispatcher.pending.get(request_id)
+        plane = self._dispatcher.plane
+        if plane is not None and (invocation is None or invocation.instance is None):
+            # Not running here: the shared plane knows where it stands, whichever replica took it.
+            await self._durable_status(plane, request_id, account, poll, send)
+            return
         if invocation is None or (account is not None and invocation.account != account):
             raise _Refused(
                 404,
@@ -613,6 +706,72 @@ class Gateway:
                 request_id=request_id,
             )
         await self._answer(invocation, poll, send, receive, invoking=False)
+
+    async def _durable_status(
+        self, plane: Plane, request_id: str, account: str | None, poll: int, send: Send
+    ) -> None:
+        """Answer a status poll from the plane's record and result of the request."""
+        waited = False
+        while True:
+            record = await plane.record(request_id)
+            if record is None or (account is not None and record.account != account):
+                raise _Refused(
+                    404,
+                    f"Request id '{request_id}' not found (unknown, expired or already returned)",
+                    request_id=request_id,
+                )
+            if record.state in (RECORD_RETURNED, RECORD_CANCELLED):
+                raise _Refused(
+                    404,
+                    f"Request id '{request_id}': the result was already returned",
+                    request_id=request_id,
+                )
+            if record.state == RECORD_DONE:
+                result = await plane.take_result(request_id, record)
+                if result is None:
+                    raise _Refused(
+                        404,
+                        f"Request id '{request_id}': the result was returned to another poll",
+                        request_id=request_id,
+                    )
+                await result.send(send)
+                return
+            if record.state == RECORD_RUNNING and not await plane.alive(record.owner):
+                if await plane.set_state(request_id, record, RECORD_RETURNED):
+                    detail = (
+                        f"The API replica that was running request '{request_id}' stopped before it "
+                        "finished; the request may or may not have run on its instance"
+                    )
+                    await failure_result(request_id, 502, detail).send(send)
+                    return
+                continue
+            if waited or poll <= 0:
+                break
+            waited = True
+            await plane.wait_result(record.account, request_id, poll)
+        headers = [
+            (b"nvcf-reqid", request_id.encode()),
+            (b"nvcf-status", b"in-progress"),
+            (b"access-control-expose-headers", b"nvcf-reqid"),
+            (b"content-length", b"0"),
+        ]
+        if record.state == RECORD_QUEUED:
+            headers.append((b"nvcf-queue-position", b"%d" % await plane.position(record)))
+        await send({"type": "http.response.start", "status": 202, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _durable_position(
+        self, plane: Plane, request_id: str, account: str | None
+    ) -> tuple[Record, int]:
+        record = await plane.record(request_id)
+        if (
+            record is None
+            or (account is not None and record.account != account)
+            or record.state not in (RECORD_QUEUED, RECORD_RUNNING)
+        ):
+            detail = f"Request id '{request_id}' is not in pending or in progress state"
+            raise _Refused(404, detail, request_id=request_id)
+        return record, (await plane.position(record) if record.state == RECORD_QUEUED else 0)
 
     async def _position(self, scope: Scope, send: Send, org: str | None, request_id: str) -> None:
         if scope["method"] != "GET":
@@ -624,6 +783,18 @@ class Gateway:
             await self._forward(peer, scope, headers, 0, send)
             return
         invocation = self._dispatcher.pending.get(request_id)
+        plane = self._dispatcher.plane
+        if plane is not None and (invocation is None or invocation.durable):
+            record, place = await self._durable_position(
+                plane, request_id, None if principal.admin else principal.account
+            )
+            body = {
+                "functionId": record.function_id,
+                "functionVersionId": record.version_id,
+                "positionInQueue": place,
+            }
+            await send_json(send, 200, body)
+            return
         position = None
         if invocation is not None and (principal.admin or invocation.account == principal.account):
             position = self._dispatcher.position(invocation)
@@ -655,6 +826,8 @@ class Gateway:
         ]
         if not versions:
             raise _Refused(404, "Queue not found - Function is likely not deployed")
+        plane = self._dispatcher.plane
+        shared = [await plane.queue_depth(v.version_id) if plane else 0 for v in versions]
         await send_json(
             send,
             200,
@@ -665,9 +838,9 @@ class Gateway:
                         "functionVersionId": v.version_id,
                         "functionName": v.function_name,
                         "functionStatus": v.status,
-                        "queueDepth": len(v.queue),
+                        "queueDepth": len(v.queue) + depth,
                     }
-                    for v in versions
+                    for v, depth in zip(versions, shared, strict=True)
                 ],
             },
         )
@@ -701,12 +874,29 @@ class Gateway:
         through its visibility poll (a replica that is down serves nothing meanwhile).
         """
         self.routes.apply(route)
-        await self._tell_peers({"apply": dict(route)})
+        await self._broadcast({"apply": dict(route)})
 
     async def withdraw_route(self, version_id: str) -> None:
         """Forget a (deleted) version here and on every peer replica, then return."""
         self.routes.remove(version_id)
-        await self._tell_peers({"remove": version_id})
+        await self._broadcast({"remove": version_id})
+
+    async def _broadcast(self, change: dict[str, Any]) -> None:
+        plane = self._dispatcher.plane
+        if plane is None:
+            await self._tell_peers(change)
+            return
+        try:
+            await plane.publish_route_change(change)
+        except Exception as exc:
+            log.warning("Route change not broadcast (replicas catch up by their poll): %r", exc)
+
+    def _apply_change(self, change: dict[str, Any]) -> None:
+        """Apply a route change another replica broadcast."""
+        if isinstance(change.get("apply"), dict):
+            self.routes.apply(change["apply"])
+        elif isinstance(change.get("remove"), str):
+            self.routes.remove(change["remove"])
 
     async def _tell_peers(self, change: dict[str, Any]) -> None:
         if self._peers:

@@ -123,6 +123,8 @@ class Invocation:
         "created",
         "deadline",
         "detached",
+        "durable",
+        "fetched",
         "id",
         "id_bytes",
         "instance",
@@ -160,6 +162,10 @@ class Invocation:
         self.waiters: list[Waiter] = []
         self.detached = False
         """A 202 told the client its id: the answer is kept for a poll when nobody waits."""
+        self.durable = False
+        """Its record is in the invocation plane: its answer is persisted there, not kept in memory."""
+        self.fetched: Any = None
+        """The plane's `QueuedRequest` it was pulled as, until it is claimed (started) by this replica."""
 
     def ncaid_headers(self) -> bytes:
         """Return the per-request NVCF header lines that name the request and its caller."""

@@ -59,6 +59,7 @@ class VersionRoute:
         "_next",
         "account_id",
         "active",
+        "backlog",
         "deployed",
         "function_id",
         "function_name",
@@ -93,6 +94,8 @@ class VersionRoute:
         self.queue: deque[Invocation] = deque()
         """Requests waiting for a free slot, in arrival order."""
         self.in_flight = 0
+        self.backlog = False
+        """The version's shared (durable) queue may hold requests: new ones queue behind them."""
         self.removed = False
         self.rate_limit: RateLimit | None = None
         """The version's NVCF `rateLimit`, when it has a valid one."""

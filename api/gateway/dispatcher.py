@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from api.gateway.invocations import (
     CANCELLED,
@@ -30,7 +30,7 @@ from api.gateway.invocations import (
     ResultStore,
     Waiter,
 )
-from api.gateway.plane import FETCH_SECONDS, Plane
+from api.gateway.plane import FETCH_SECONDS, LEASE_SECONDS, Plane
 from api.gateway.routes import Instance, RouteTable, VersionRoute, header_value
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import (
@@ -74,6 +74,8 @@ class _Retry:
 
 
 _RETRY: Final = _Retry()
+IDLE_RELEASE_SECONDS = 0.5
+"""A replica gives back instance slots it leased once it has not needed them for this long."""
 _SKIP: Final = _Retry()
 """Marker: a pulled request that must not run here (cancelled or claimed elsewhere)."""
 
@@ -130,6 +132,10 @@ class Dispatcher:
         self._pullers: dict[str, asyncio.Task[None]] = {}
         """Per version, the task that pulls its shared queue while this replica has a free slot."""
         self._slot_freed: dict[str, asyncio.Event] = {}
+        self._leasers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        """Per (version, instance), the task that leases and gives back this replica's slots on it."""
+        self._demand: dict[str, asyncio.Event] = {}
+        """Per version, set when a request of it had to queue here (wake the leasers)."""
 
     async def start(self) -> None:
         """Start sweeping expired results, timed-out queued requests and stale connections."""
@@ -145,11 +151,13 @@ class Dispatcher:
             self._maintenance = None
         for version in self.routes:
             self._fail_queue(version, 503, "The gateway is shutting down")
-        for puller in list(self._pullers.values()):
-            puller.cancel()
-        if self._pullers:
-            await asyncio.gather(*self._pullers.values(), return_exceptions=True)
+        background = [*self._pullers.values(), *self._leasers.values()]
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
         self._pullers.clear()
+        self._leasers.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -240,7 +248,19 @@ class Dispatcher:
         if self.plane is not None and version.active and version.version_id not in self._pullers:
             task = asyncio.get_running_loop().create_task(self._pull_forever(version))
             self._pullers[version.version_id] = task
+        if self.plane is not None:
+            loop = asyncio.get_running_loop()
+            for instance in version.active:
+                key = (version.version_id, instance.id)
+                if key not in self._leasers:
+                    self._leasers[key] = loop.create_task(self._lease_forever(version, instance))
         self._slot_free(version)
+
+    def wanted(self, version: VersionRoute) -> None:
+        """Note that a request of `version` queued here: lease more slots if any are free."""
+        event = self._demand.get(version.version_id)
+        if event is not None:
+            event.set()
 
     def route_removed(self, version: VersionRoute) -> None:
         """Fail the queued requests of a version that left the routes (forced undeploy, deletion)."""
@@ -326,9 +346,10 @@ class Dispatcher:
         invocation.fetched = None
         assert self.plane is not None
         if not await self.plane.claim(fetched):
-            # Cancelled, or taken by another replica: nothing to run, nothing to answer here.
-            invocation.state = DONE
-            self.pending.pop(invocation.id, None)
+            # Taken by another replica (or gone): nothing to run here. A client waiting here still gets
+            # the answer through the plane (`Gateway._await_remote_result`).
+            invocation.state = QUEUED
+            invocation.instance = None
             return _SKIP
         if time.time() > fetched.deadline:
             return invocation.problem(504, "No instance started the request within its timeout")
@@ -338,6 +359,71 @@ class Dispatcher:
         event = self._slot_freed.get(version.version_id)
         if event is not None:
             event.set()
+
+    async def _lease_forever(self, version: VersionRoute, instance: Instance) -> None:
+        """Hold this replica's share of the instance's slots: lease on demand, give back when idle."""
+        key = (version.version_id, instance.id)
+        try:
+            while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
+                try:
+                    await self._lease(version, instance)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("Leasing slots of instance %s failed: %r", instance.id, exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            if self._leasers.get(key) is asyncio.current_task():
+                del self._leasers[key]
+
+    async def _lease(self, version: VersionRoute, instance: Instance) -> None:
+        plane = self.plane
+        assert plane is not None
+        subscription = await plane.slot_subscription(version.version_id, instance.id, instance.limit)
+        demand = self._demand.setdefault(version.version_id, asyncio.Event())
+        held: list[Any] = []
+        idle_since = time.monotonic()
+        renewed = time.monotonic()
+        try:
+            while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
+                now = time.monotonic()
+                if instance.in_flight > 0 or version.backlog:
+                    idle_since = now
+                if held and now - renewed > LEASE_SECONDS / 3:
+                    renewed = now
+                    await asyncio.gather(*(token.in_progress() for token in held))
+                spare = len(held) - instance.in_flight
+                if spare > 0 and not version.backlog and now - idle_since >= IDLE_RELEASE_SECONDS:
+                    # Idle a while: give the spare slots back for other replicas' requests.
+                    giving, held = held[len(held) - spare :], held[: len(held) - spare]
+                    instance.capacity = len(held)
+                    await asyncio.gather(*(token.nak() for token in giving))
+                    continue
+                # A fetch that timed out here may still have been answered: such tokens wait in the
+                # subscription and count as held by this replica, so they are taken (and given back).
+                stray = subscription.pending_msgs > 0
+                if stray or (version.backlog and len(held) < instance.limit):
+                    try:
+                        tokens = await subscription.fetch(max(1, instance.limit - len(held)), timeout=1.0)
+                    except TimeoutError:
+                        continue
+                    held.extend(tokens)
+                    instance.capacity = len(held)
+                    renewed = time.monotonic()
+                    self._slot_free(version)
+                    continue
+                demand.clear()
+                try:
+                    await asyncio.wait_for(demand.wait(), IDLE_RELEASE_SECONDS)
+                except TimeoutError:
+                    if not held and await plane.queue_depth(version.version_id) > 0:
+                        # Requests wait that no live replica asked for (their replica died): serve them.
+                        version.backlog = True
+        finally:
+            instance.capacity = 0
+            for token in held:
+                with contextlib.suppress(Exception):
+                    await token.nak()
 
     async def _pull_forever(self, version: VersionRoute) -> None:
         """Pull the version's shared queue whenever this replica has a free slot for it."""
@@ -357,8 +443,13 @@ class Dispatcher:
         event = self._slot_freed.setdefault(version.version_id, asyncio.Event())
         while not version.removed:
             if version.pick() is None:
+                if subscription.pending_msgs > 0:
+                    # Delivered after a fetch timed out: back to the queue for a replica with a free slot.
+                    for message in await subscription.fetch(subscription.pending_msgs, timeout=1.0):
+                        await message.nak()
                 event.clear()
-                await event.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), 1.0)
                 continue
             try:
                 messages = await subscription.fetch(1, timeout=FETCH_SECONDS)

@@ -218,7 +218,10 @@ class Gateway:
             await plane.start()
             await plane.subscribe_routes(self._apply_change)
             self._dispatcher.plane = plane
+            self.routes.leased = True
             for version in self.routes:
+                for instance in version.instances.values():
+                    instance.capacity = 0
                 self._dispatcher.routes_changed(version)
         await self._dispatcher.start()
 
@@ -525,6 +528,7 @@ class Gateway:
             ) from None
         invocation.durable = True
         version.backlog = True
+        self._dispatcher.wanted(version)
         self._dispatcher.pending[invocation.id] = invocation
         # Another replica may run it: its result then arrives on the result subject.
         plane.spawn(self._await_remote_result(plane, invocation))
@@ -533,8 +537,6 @@ class Gateway:
         """Hand a result another replica published to this replica's waiting client, if one still waits."""
         deadline = invocation.deadline
         while invocation.state != DONE and time.monotonic() < deadline:
-            if invocation.instance is not None:
-                return  # this replica pulled it: its own run answers the waiters
             if not invocation.waiters:
                 # Nobody waits here any more (answered 202): a poll on any replica fetches the result.
                 if invocation.detached:
@@ -542,8 +544,10 @@ class Gateway:
                     return
             if not await plane.wait_result(invocation.account, invocation.id, 1.0):
                 continue
-            if invocation.instance is not None or invocation.state == DONE:
+            if invocation.state == DONE:
                 return
+            if invocation.instance is not None:
+                continue  # this replica runs it: its own run answers the waiters
             record = await plane.record(invocation.id)
             if record is None or record.state != RECORD_DONE:
                 await asyncio.sleep(0.05)

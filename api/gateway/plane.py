@@ -63,6 +63,9 @@ REPLICA_TTL_SECONDS = 8.0
 """A replica whose heartbeat is older than this counts as gone (its running requests failed)."""
 FETCH_SECONDS = 2.0
 """How long one pending pull waits for queued work before it is renewed."""
+SLOTS_STREAM = "GPUFN_SLOTS"
+LEASE_SECONDS = 30.0
+"""A slot token whose holder stops renewing it (a dead replica) is free again after this long."""
 ACK_WAIT_SECONDS = 15.0
 """A fetched request not started (acked) within this long goes back to the queue for another replica."""
 
@@ -111,6 +114,8 @@ class QueuedRequest:
 
     request_id: str
     account: str
+    function_id: str
+    version_id: str
     subject: bytes
     client_headers: bytes
     body: bytes
@@ -318,23 +323,26 @@ class Plane:
         payload = b"".join((meta, invocation.client_headers, invocation.body))
         headers = {
             "Gpufn-Id": invocation.id,
+            "Gpufn-Function": version.function_id,
+            "Gpufn-Version": version.version_id,
             "Gpufn-Account": invocation.account,
             "Gpufn-Subject": invocation.subject.decode("latin-1"),
         }
-        record = Record(QUEUED, self.incarnation, invocation.account, version.function_id, version.version_id)
-        # The record first: a poll that finds the queued request must be able to place it.
-        await self.records.put(invocation.id, record.encode())
         try:
             ack = await self.js.publish(
                 queue_subject(version.version_id), payload, stream=stream, headers=headers
             )
         except Exception as exc:
-            await self.records.delete(invocation.id)
             if "maximum messages exceeded" in str(exc).lower():
                 raise PlaneQueueFull from None
             raise
-        record.seq = ack.seq
-        await self.records.put(invocation.id, record.encode())
+        record = Record(
+            QUEUED, self.incarnation, invocation.account, version.function_id, version.version_id, ack.seq
+        )
+        # Created only if missing: a replica may have claimed (and recorded) it already. Nothing has told
+        # the client its id yet, so no poll can miss the record meanwhile.
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self.records.create(invocation.id, record.encode())
         return ack.seq
 
     async def queue_depth(self, version_id: str) -> int:
@@ -374,6 +382,8 @@ class Plane:
         return QueuedRequest(
             headers["Gpufn-Id"],
             headers["Gpufn-Account"],
+            headers.get("Gpufn-Function", ""),
+            headers.get("Gpufn-Version", ""),
             headers.get("Gpufn-Subject", "").encode("latin-1"),
             message.data[start : start + head_length],
             message.data[start + head_length :],
@@ -388,21 +398,69 @@ class Plane:
         record moves from queued to running by compare-and-set, so a request cancelled meanwhile stays so.
         """
         await request.message.ack()
-        try:
-            entry = await self.records.get(request.request_id)
-        except KeyNotFoundError:
-            return False
-        assert entry.value is not None and entry.revision is not None
-        record = Record.decode(entry.value, entry.revision)
-        if record.state != QUEUED:
-            return False
-        record.state = RUNNING
-        record.owner = self.incarnation
-        try:
-            await self.records.update(request.request_id, record.encode(), last=entry.revision)
-        except KeyWrongLastSequenceError:
-            return False
-        return True
+        running = Record(
+            RUNNING, self.incarnation, request.account, request.function_id, request.version_id
+        ).encode()
+        for _ in range(5):
+            try:
+                entry = await self.records.get(request.request_id)
+            except KeyNotFoundError:
+                # Fetched before the accepting replica wrote the record: write it, as running.
+                try:
+                    await self.records.create(request.request_id, running)
+                except KeyWrongLastSequenceError:
+                    continue
+                return True
+            assert entry.value is not None and entry.revision is not None
+            record = Record.decode(entry.value, entry.revision)
+            if record.state != QUEUED:
+                return False
+            record.state = RUNNING
+            record.owner = self.incarnation
+            try:
+                await self.records.update(request.request_id, record.encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue  # written meanwhile (the accepting replica's record): read it again
+            return True
+        return False
+
+    # --- instance slots ----------------------------------------------------------------------------
+
+    async def slot_subscription(
+        self, version_id: str, instance_id: str, limit: int
+    ) -> JetStreamContext.PullSubscription:
+        """Make sure the instance has `limit` slot tokens; return this replica's pull on their consumer.
+
+        Each token is one message on its own subject (`gpufn.slot.<instance>.<k>`) in a stream that keeps
+        at most one message per subject and refuses a second: publishing the tokens again (every replica
+        does, on every start) never makes more than `limit`. A replica holds a token by fetching it and
+        not acknowledging it (renewed with `in_progress`), and gives it back with `nak`; the server gives
+        a token whose holder died to the next fetch after `LEASE_SECONDS`.
+        """
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        if SLOTS_STREAM not in self._queues:
+            await self.js.add_stream(
+                name=SLOTS_STREAM,
+                subjects=["gpufn.slot.>"],
+                max_msgs_per_subject=1,
+                discard=DiscardPolicy.NEW,
+                discard_new_per_subject=True,
+                storage=StorageType.FILE,
+            )
+            self._queues.add(SLOTS_STREAM)
+        key = hashlib.sha256(f"{version_id}/{instance_id}".encode()).hexdigest()[:20]
+        for index in range(limit):
+            with contextlib.suppress(Exception):  # the token exists already
+                await self.js.publish(f"gpufn.slot.{key}.{index}", b"", stream=SLOTS_STREAM)
+        return await self.js.pull_subscribe(
+            f"gpufn.slot.{key}.*",
+            durable=f"slot_{key}",
+            stream=SLOTS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=LEASE_SECONDS, max_ack_pending=-1, max_deliver=-1
+            ),
+        )
 
     # --- records and results ------------------------------------------------------------------------
 

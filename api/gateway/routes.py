@@ -37,12 +37,15 @@ def header_value(value: object) -> bytes:
 class Instance:
     """One instance of a version: where it listens, how many requests it may run, how many it runs."""
 
-    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "prefix", "routed")
+    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "limit", "prefix", "routed")
 
     def __init__(self, instance_id: str, endpoint: Endpoint) -> None:
         self.id = instance_id
         self.endpoint = endpoint
         self.capacity = 1
+        """Requests this replica may send it at once: `limit`, or the slots it leased from the plane."""
+        self.limit = 1
+        """The version's `maxRequestConcurrency` for it: over all replicas together."""
         self.in_flight = 0
         self.routed = True
         """Listed by the last applied route."""
@@ -166,6 +169,8 @@ class RouteTable:
         self._listener = listener
         self._static_headers = static_headers
         self._replicas = max(1, replicas)
+        self.leased = False
+        """Instances' slots are leased from the shared plane (their capacity is what this replica holds)."""
         """Gateway replicas sharing each version's rate limit."""
         self._versions: dict[str, VersionRoute] = {}
         self._functions: dict[str, list[VersionRoute]] = {}
@@ -300,6 +305,8 @@ class RouteTable:
                     continue
                 if instance is None:
                     instance = Instance(instance_id, endpoint)
+                    if self.leased:
+                        instance.capacity = 0  # until this replica leases slots of it
                     version.instances[instance_id] = instance
                 else:
                     # Same id at a new address: one object, so requests in flight still count against it.
@@ -308,7 +315,9 @@ class RouteTable:
                     instance.endpoint = endpoint
             spec_index = int(item.get("spec", 0) or 0)
             spec: Mapping[str, Any] = specs[spec_index] if 0 <= spec_index < len(specs) else {}
-            instance.capacity = max(1, int(spec.get("maxRequestConcurrency") or 1))
+            instance.limit = max(1, int(spec.get("maxRequestConcurrency") or 1))
+            if not self.leased:
+                instance.capacity = instance.limit
             instance.routed = True
             instance.failed = False
             instance.prefix = b"".join(

@@ -184,3 +184,92 @@ async def test_accepted_requests_survive_kill_of_a_replica_and_the_worker(
         # A result is returned once: a second poll says so, on either replica.
         again = await http.get(f"{b.url}/v2/nvcf/pexec/status/{accepted[-1]}")
         assert again.status_code == 404
+
+
+COUNTING_ECHO = "python tests/gateway/counting_echo.py"
+CLIENTS = 40
+ROUNDS = 3
+
+
+async def test_max_request_concurrency_holds_across_replicas_and_positions_agree(
+    plane_stack: Stack, replicas: tuple[Replica, Replica]
+) -> None:
+    stack = plane_stack
+    a, b = replicas
+    function = await create(
+        stack,
+        echo_function(
+            "plane-concurrency",
+            containerArgs=COUNTING_ECHO,
+            containerEnvironment=[{"key": "COUNTING_DELAY_MS", "value": "100"}],
+        ),
+    )
+    deployed = await stack.http.post(deployment_path(function), json=cpu_spec(maxRequestConcurrency=2))
+    assert deployed.status_code == 200, deployed.text
+    await wait_status(stack, function, "ACTIVE", timeout=90)
+    invoke = f"/v2/nvcf/pexec/functions/{function['id']}"
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
+        await a.ready(http)
+        await b.ready(http)
+        for replica in replicas:
+
+            async def routed(replica: Replica = replica) -> bool:
+                response = await http.post(replica.url + invoke, json={})
+                return response.status_code == 200
+
+            await eventually(routed, timeout=30)
+
+        seen: list[int] = []
+
+        async def client(index: int) -> None:
+            replica = replicas[index % 2]
+            for round_ in range(ROUNDS):
+                response = await http.post(
+                    replica.url + invoke, json={"c": index, "r": round_}, headers={"NVCF-POLL-SECONDS": "60"}
+                )
+                assert response.status_code == 200, (response.status_code, response.headers, response.text)
+                seen.append(response.json()["concurrent"])
+
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        print(f"\nmost concurrent requests the instance saw: {max(seen)} (of {len(seen)} answers)")
+        assert len(seen) == CLIENTS * ROUNDS
+        assert max(seen) <= 2
+        assert max(seen) == 2  # both slots were used: the limit was reached, not merely unused
+
+        # Queue positions: one global queue, so both replicas place a request the same.
+        accepted = []
+        for index in range(30):
+            response = await http.post(
+                replicas[index % 2].url + invoke, json={"q": index}, headers={"NVCF-POLL-SECONDS": "0"}
+            )
+            assert response.status_code == 202, response.text
+            accepted.append(response.headers["nvcf-reqid"])
+        last = accepted[-1]
+
+        async def position(replica: Replica) -> int:
+            response = await http.get(f"{replica.url}/v2/nvcf/queues/{last}/position")
+            assert response.status_code == 200, response.text
+            place: int = response.json()["positionInQueue"]
+            return place
+
+        first_a = await position(a)
+        at_b = await position(b)
+        then_a = await position(a)
+        print(f"position of the last request: a={first_a}, b={at_b}, a again={then_a}")
+        assert first_a > 1
+        assert first_a >= at_b >= then_a
+
+        async def finished(request_id: str, index: int) -> None:
+            for _ in range(120):
+                response = await http.get(
+                    f"{replicas[index % 2].url}/v2/nvcf/pexec/status/{request_id}",
+                    headers={"NVCF-POLL-SECONDS": "5"},
+                )
+                if response.status_code != 202:
+                    assert response.status_code == 200, response.text
+                    seen.append(response.json()["concurrent"])
+                    return
+            raise AssertionError(f"request {request_id} did not finish")
+
+        await asyncio.gather(*(finished(rid, i) for i, rid in enumerate(accepted)))
+        assert max(seen) <= 2

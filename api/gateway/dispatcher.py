@@ -74,7 +74,7 @@ class _Retry:
 
 
 _RETRY: Final = _Retry()
-IDLE_RELEASE_SECONDS = 0.5
+IDLE_RELEASE_SECONDS = 1.0
 """A replica gives back instance slots it leased once it has not needed them for this long."""
 _SKIP: Final = _Retry()
 """Marker: a pulled request that must not run here (cancelled or claimed elsewhere)."""
@@ -220,6 +220,7 @@ class Dispatcher:
         invocation.state = RUNNING
         invocation.instance = instance
         invocation.attempts += 1
+        instance.used_at = time.monotonic()
         instance.in_flight += 1
         invocation.version.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._execute(invocation, instance))
@@ -389,6 +390,7 @@ class Dispatcher:
                 now = time.monotonic()
                 if instance.in_flight > 0 or version.backlog:
                     idle_since = now
+                idle_since = max(idle_since, instance.used_at)
                 if held and now - renewed > LEASE_SECONDS / 3:
                     renewed = now
                     await asyncio.gather(*(token.in_progress() for token in held))
@@ -466,6 +468,8 @@ class Dispatcher:
                 version.backlog = message.metadata.num_pending > 0
                 queued = Plane.decode_queued(message)
                 invocation = self.pending.get(queued.request_id)
+                if invocation is not None and invocation.attempts == 0:
+                    version.durable_waiting = max(0, version.durable_waiting - 1)
                 if invocation is None:
                     invocation = Invocation(
                         queued.request_id,

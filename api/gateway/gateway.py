@@ -528,6 +528,7 @@ class Gateway:
             ) from None
         invocation.durable = True
         version.backlog = True
+        version.durable_waiting += 1
         self._dispatcher.wanted(version)
         self._dispatcher.pending[invocation.id] = invocation
         # Another replica may run it: its result then arrives on the result subject.
@@ -535,13 +536,25 @@ class Gateway:
 
     async def _await_remote_result(self, plane: Plane, invocation: Invocation) -> None:
         """Hand a result another replica published to this replica's waiting client, if one still waits."""
+        try:
+            await self._relay_remote_result(plane, invocation)
+        finally:
+            if invocation.attempts == 0:
+                # Still counted as waiting here (a local start takes it off the count).
+                invocation.version.durable_waiting = max(0, invocation.version.durable_waiting - 1)
+
+    async def _relay_remote_result(self, plane: Plane, invocation: Invocation) -> None:
         deadline = invocation.deadline
         while invocation.state != DONE and time.monotonic() < deadline:
-            if not invocation.waiters:
+            if not invocation.waiters and invocation.detached:
                 # Nobody waits here any more (answered 202): a poll on any replica fetches the result.
-                if invocation.detached:
-                    self._dispatcher.pending.pop(invocation.id, None)
+                # It still counts in this replica's queued load until some replica starts it.
+                self._dispatcher.pending.pop(invocation.id, None)
+                record = await plane.record(invocation.id)
+                if record is None or record.state != RECORD_QUEUED:
                     return
+                await asyncio.sleep(1.0)
+                continue
             if not await plane.wait_result(invocation.account, invocation.id, 1.0):
                 continue
             if invocation.state == DONE:
@@ -964,6 +977,8 @@ class Gateway:
     # --- forwarding to the replica that holds a request ----------------------------------------------
 
     def _peer(self, request_id: str, headers: dict[bytes, bytes]) -> Endpoint | None:
+        if self._dispatcher.plane is not None:
+            return None  # every replica reads the shared plane: nothing to forward
         tag = request_id.rpartition("-")[2]
         if tag == self._tag or FORWARDED_HEADER in headers:
             return None

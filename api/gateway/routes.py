@@ -37,7 +37,7 @@ def header_value(value: object) -> bytes:
 class Instance:
     """One instance of a version: where it listens, how many requests it may run, how many it runs."""
 
-    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "limit", "prefix", "routed")
+    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "limit", "prefix", "routed", "used_at")
 
     def __init__(self, instance_id: str, endpoint: Endpoint) -> None:
         self.id = instance_id
@@ -47,6 +47,8 @@ class Instance:
         self.limit = 1
         """The version's `maxRequestConcurrency` for it: over all replicas together."""
         self.in_flight = 0
+        self.used_at = 0.0
+        """When this replica last started a request on it (monotonic): leased slots idle since go back."""
         self.routed = True
         """Listed by the last applied route."""
         self.failed = False
@@ -64,6 +66,7 @@ class VersionRoute:
         "active",
         "backlog",
         "deployed",
+        "durable_waiting",
         "function_id",
         "function_name",
         "in_flight",
@@ -98,6 +101,8 @@ class VersionRoute:
         """Requests waiting for a free slot, in arrival order."""
         self.in_flight = 0
         self.backlog = False
+        self.durable_waiting = 0
+        """Requests this replica accepted into the shared queue that have not started here or elsewhere."""
         """The version's shared (durable) queue may hold requests: new ones queue behind them."""
         self.removed = False
         self.rate_limit: RateLimit | None = None
@@ -133,7 +138,7 @@ class VersionRoute:
     def load(self) -> dict[str, Any]:
         """Return this version's entry of the load report the autoscaler and drains read."""
         return {
-            "queued": len(self.queue),
+            "queued": len(self.queue) + self.durable_waiting,
             "inFlight": self.in_flight,
             "ready": len(self.active),
             "routesVersion": self.routes_version,

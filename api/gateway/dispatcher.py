@@ -74,8 +74,8 @@ class _Retry:
 
 
 _RETRY: Final = _Retry()
-IDLE_RELEASE_SECONDS = 1.0
-"""A replica gives back instance slots it leased once it has not needed them for this long."""
+LEASE_WINDOW_SECONDS = 1.0
+"""Every this long a replica gives back the leased slots of an instance that it did not use at once."""
 _SKIP: Final = _Retry()
 """Marker: a pulled request that must not run here (cancelled or claimed elsewhere)."""
 
@@ -220,8 +220,9 @@ class Dispatcher:
         invocation.state = RUNNING
         invocation.instance = instance
         invocation.attempts += 1
-        instance.used_at = time.monotonic()
         instance.in_flight += 1
+        if instance.in_flight > instance.peak:
+            instance.peak = instance.in_flight
         invocation.version.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._execute(invocation, instance))
         self._tasks.add(task)
@@ -383,30 +384,32 @@ class Dispatcher:
         subscription = await plane.slot_subscription(version.version_id, instance.id, instance.limit)
         demand = self._demand.setdefault(version.version_id, asyncio.Event())
         held: list[Any] = []
-        idle_since = time.monotonic()
-        renewed = time.monotonic()
+        renewed = window_start = time.monotonic()
         try:
             while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
                 now = time.monotonic()
-                if instance.in_flight > 0 or version.backlog:
-                    idle_since = now
-                idle_since = max(idle_since, instance.used_at)
                 if held and now - renewed > LEASE_SECONDS / 3:
                     renewed = now
                     await asyncio.gather(*(token.in_progress() for token in held))
-                spare = len(held) - instance.in_flight
-                if spare > 0 and not version.backlog and now - idle_since >= IDLE_RELEASE_SECONDS:
-                    # Idle a while: give the spare slots back for other replicas' requests.
-                    giving, held = held[len(held) - spare :], held[: len(held) - spare]
-                    instance.capacity = len(held)
-                    await asyncio.gather(*(token.nak() for token in giving))
-                    continue
+                if now - window_start >= LEASE_WINDOW_SECONDS:
+                    # Keep what the busiest moment of the last window used; give the rest back for the
+                    # other replicas' requests (all of it once idle). Nothing while requests queue here.
+                    keep = len(held) if version.backlog else max(instance.peak, instance.in_flight)
+                    instance.peak = instance.in_flight
+                    window_start = now
+                    if len(held) > keep:
+                        giving, held = held[keep:], held[:keep]
+                        instance.capacity = len(held)
+                        await asyncio.gather(*(token.nak() for token in giving))
+                        continue
                 # A fetch that timed out here may still have been answered: such tokens wait in the
                 # subscription and count as held by this replica, so they are taken (and given back).
                 stray = subscription.pending_msgs > 0
                 if stray or (version.backlog and len(held) < instance.limit):
+                    # As many as wait here (at least one): a replica leases what its load needs.
+                    wanted = max(1, min(instance.limit - len(held), version.durable_waiting))
                     try:
-                        tokens = await subscription.fetch(max(1, instance.limit - len(held)), timeout=1.0)
+                        tokens = await subscription.fetch(wanted, timeout=1.0)
                     except TimeoutError:
                         continue
                     held.extend(tokens)
@@ -416,7 +419,7 @@ class Dispatcher:
                     continue
                 demand.clear()
                 try:
-                    await asyncio.wait_for(demand.wait(), IDLE_RELEASE_SECONDS)
+                    await asyncio.wait_for(demand.wait(), LEASE_WINDOW_SECONDS)
                 except TimeoutError:
                     if not held and await plane.queue_depth(version.version_id) > 0:
                         # Requests wait that no live replica asked for (their replica died): serve them.

@@ -37,7 +37,7 @@ def header_value(value: object) -> bytes:
 class Instance:
     """One instance of a version: where it listens, how many requests it may run, how many it runs."""
 
-    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "limit", "prefix", "routed", "used_at")
+    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "limit", "peak", "prefix", "routed")
 
     def __init__(self, instance_id: str, endpoint: Endpoint) -> None:
         self.id = instance_id
@@ -47,8 +47,8 @@ class Instance:
         self.limit = 1
         """The version's `maxRequestConcurrency` for it: over all replicas together."""
         self.in_flight = 0
-        self.used_at = 0.0
-        """When this replica last started a request on it (monotonic): leased slots idle since go back."""
+        self.peak = 0
+        """Most requests in flight on it here since the plane's last lease review (slots kept)."""
         self.routed = True
         """Listed by the last applied route."""
         self.failed = False

@@ -183,9 +183,13 @@ class Dispatcher:
         version.queue.append(invocation)
 
     def try_start(self, invocation: Invocation) -> bool:
-        """Start the request at once when a slot is free and nothing queues before it; else False."""
+        """Start the request at once when a slot is free and nothing queues before it; else False.
+
+        "Before it" is what this replica queued: requests other replicas queued are pulled whenever a
+        slot of this replica frees, and their queue makes this replica lease more slots.
+        """
         version = invocation.version
-        if version.queue or version.backlog:
+        if version.queue or version.durable_waiting:
             return False
         instance = version.pick()
         if instance is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -42,8 +43,8 @@ DELAY_MS = 150
 class Replica:
     """One API replica as its own process (so it can be killed with SIGKILL)."""
 
-    def __init__(self, stack: Stack, replica_id: str, log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, stack: Stack, replica_id: str, port: int, log: Path) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = settings_env(stack.settings)
         self.env.update(GPUFN_API_PORT=str(self.port), GPUFN_REPLICA_ID=replica_id)
@@ -79,20 +80,28 @@ class Replica:
         await eventually(answers, timeout=60, interval=0.2)
 
 
+REPLICA_PORTS = (free_port(), free_port())
+"""The two replica processes' ports, fixed for the module: the worker polls their load (autoscaling)."""
+
+
 @pytest.fixture(scope="module")
 async def plane_stack(
     temporal_address: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
     home = tmp_path_factory.mktemp("gpufn-plane")
-    async with running_stack(temporal_address, home, nats_url=nats_url) as stack:
+    api_port = free_port()
+    urls = [f"http://127.0.0.1:{port}" for port in (api_port, *REPLICA_PORTS)]
+    async with running_stack(
+        temporal_address, home, api_port=api_port, nats_url=nats_url, gateway_urls=urls
+    ) as stack:
         yield stack
 
 
 @pytest.fixture
 def replicas(plane_stack: Stack, tmp_path: Path) -> Iterator[tuple[Replica, Replica]]:
     pair = (
-        Replica(plane_stack, "api-a", tmp_path / "api-a.log"),
-        Replica(plane_stack, "api-b", tmp_path / "api-b.log"),
+        Replica(plane_stack, "api-a", REPLICA_PORTS[0], tmp_path / "api-a.log"),
+        Replica(plane_stack, "api-b", REPLICA_PORTS[1], tmp_path / "api-b.log"),
     )
     for replica in pair:
         replica.start()
@@ -273,3 +282,25 @@ async def test_max_request_concurrency_holds_across_replicas_and_positions_agree
 
         await asyncio.gather(*(finished(rid, i) for i, rid in enumerate(accepted)))
         assert max(seen) <= 2
+
+
+async def test_a_request_to_a_version_scaled_to_zero_waits_in_the_shared_queue_and_is_served(
+    plane_stack: Stack, replicas: tuple[Replica, Replica]
+) -> None:
+    """Scale from zero through the plane: the queued request is the autoscaler's signal, then it runs."""
+    stack = plane_stack
+    a, _ = replicas
+    function = await create(stack, echo_function("plane-from-zero", containerArgs=COUNTING_ECHO))
+    spec = cpu_spec(min_instances=0, max_instances=1)
+    deployed = await stack.http.post(deployment_path(function), json=spec)
+    assert deployed.status_code == 200, deployed.text
+    await wait_status(stack, function, "ACTIVE", timeout=90)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as http:
+        await a.ready(http)
+        response = await http.post(
+            f"{a.url}/v2/nvcf/pexec/functions/{function['id']}",
+            json={"cold": True},
+            headers={"NVCF-POLL-SECONDS": "90"},
+        )
+        assert response.status_code == 200, (response.status_code, response.text)
+        assert json.loads(response.json()["body"]) == {"cold": True}

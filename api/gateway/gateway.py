@@ -29,7 +29,20 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from api.gateway.asgi import (
+    _DEFAULT_CONTENT_TYPE,
+    _DROPPED_REQUEST_HEADERS,
+    FORWARDED_HEADER,
+    _drop_connection_tokens,
+    _headers,
+    _Refused,
+    _small_int,
+    _StreamKeepAlive,
+    send_json,
+    send_problem,
+)
 from api.gateway.dispatcher import Dispatcher, QueueFull, response_headers
+from api.gateway.durable import durable_position, durable_status, enqueue_durable
 from api.gateway.invocations import (
     CLAIMED,
     CLIENT_GONE,
@@ -38,7 +51,6 @@ from api.gateway.invocations import (
     QUEUED,
     STREAM_BROKEN,
     STREAMED,
-    HeaderList,
     Invocation,
     Receive,
     Result,
@@ -47,18 +59,12 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
-from api.gateway.plane import CANCELLED as RECORD_CANCELLED
-from api.gateway.plane import DONE as RECORD_DONE
-from api.gateway.plane import QUEUED as RECORD_QUEUED
-from api.gateway.plane import RETURNED as RECORD_RETURNED
-from api.gateway.plane import RUNNING as RECORD_RUNNING
-from api.gateway.plane import Plane, PlaneQueueFull, Record, failure_result
+from api.gateway.plane import Plane
 from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
 from api.principal import Authenticate, Principal
-from api.problems import PROBLEM_CONTENT_TYPE, problem_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,93 +74,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 LOAD_PATH = "/internal/v1/load"
 ROUTES_PATH = "/internal/v1/routes"
 """Where a replica takes route changes from its peers (admin keys only)."""
-FORWARDED_HEADER = b"x-gpufn-forwarded"
-"""Marks a status or position poll forwarded by another replica (never forwarded again)."""
-
 INVOKE_SCOPE = "invoke_function"
 QUEUE_SCOPE = "queue_details"
-
-_JSON = (b"content-type", b"application/json")
-_PROBLEM = (b"content-type", PROBLEM_CONTENT_TYPE.encode())
-_DEFAULT_CONTENT_TYPE = b"content-type: application/json\r\n"
-
-# Client headers that never reach the instance: hop-by-hop ones, those the gateway sets itself, the
-# caller's key, and the NVCF headers the platform owns (reference 5.8).
-_DROPPED_REQUEST_HEADERS = frozenset(
-    {
-        b"authorization",
-        b"connection",
-        b"keep-alive",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-        b"host",
-        b"content-length",
-        b"nvcf-reqid",
-        b"nvcf-sub",
-        b"nvcf-ncaid",
-        b"nvcf-function-name",
-        b"nvcf-function-id",
-        b"nvcf-function-version-id",
-        b"nvcf-asset-dir",
-        b"nvcf-large-output-dir",
-        b"nvcf-max-response-size-bytes",
-        b"nvcf-nspectid",
-        b"nvcf-backend",
-        b"nvcf-instancetype",
-        b"nvcf-region",
-        b"nvcf-env",
-        b"nvcf-invocation-region",
-        b"nvcf-poll-seconds",
-        b"nvcf-function-asset-ids",
-        FORWARDED_HEADER,
-    }
-)
 
 
 def replica_tag(replica_id: str) -> str:
     """Return the 12 hex digits that request ids of `replica_id` end with."""
     return hashlib.sha256(replica_id.encode()).hexdigest()[:12]
-
-
-async def send_json(send: Send, status: int, body: Any, headers: HeaderList | None = None) -> None:
-    """Send a JSON answer."""
-    data = json.dumps(body).encode()
-    out = [_JSON, (b"content-length", b"%d" % len(data))]
-    if headers:
-        out.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": data})
-
-
-async def send_problem(
-    send: Send, status: int, detail: str, headers: HeaderList | None = None, request_id: str | None = None
-) -> None:
-    """Send a problem-details answer; `request_id` names the request it is about, when there is one."""
-    extra = {"requestId": request_id} if request_id else {}
-    data = problem_bytes(status, detail, **extra)
-    out = [_PROBLEM, (b"content-length", b"%d" % len(data))]
-    if headers:
-        out.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": data})
-
-
-class _Refused(Exception):
-    """An expected refusal, answered with problem details."""
-
-    def __init__(
-        self, status: int, detail: str, headers: HeaderList | None = None, request_id: str | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
-        self.request_id = request_id
 
 
 class Gateway:
@@ -502,7 +428,7 @@ class Gateway:
         plane = self._dispatcher.plane
         if plane is not None and not accept_stream:
             if not self._dispatcher.try_start(invocation):
-                await self._enqueue_durable(plane, invocation)
+                await enqueue_durable(plane, self._dispatcher, self.settings, invocation)
             await self._answer(invocation, poll, send, receive, invoking=True)
             return
         try:
@@ -514,66 +440,6 @@ class Gateway:
                 f"({self.settings.max_queue_depth} requests waiting)",
             ) from None
         await self._answer(invocation, poll, send, receive, invoking=True)
-
-    async def _enqueue_durable(self, plane: Plane, invocation: Invocation) -> None:
-        """Persist a request that must wait in its version's shared queue, before it waits or is told 202."""
-        version = invocation.version
-        try:
-            await plane.enqueue(invocation, self.settings.request_timeout_seconds)
-        except PlaneQueueFull:
-            raise _Refused(
-                429,
-                f"The queue of function version '{version.version_id}' is full "
-                f"({self.settings.max_queue_depth} requests waiting)",
-            ) from None
-        invocation.durable = True
-        version.backlog = True
-        version.durable_waiting += 1
-        self._dispatcher.wanted(version)
-        self._dispatcher.pending[invocation.id] = invocation
-        # Another replica may run it: its result then arrives on the result subject.
-        plane.spawn(self._await_remote_result(plane, invocation))
-
-    async def _await_remote_result(self, plane: Plane, invocation: Invocation) -> None:
-        """Hand a result another replica published to this replica's waiting client, if one still waits."""
-        try:
-            await self._relay_remote_result(plane, invocation)
-        finally:
-            if invocation.attempts == 0:
-                # Still counted as waiting here (a local start takes it off the count).
-                invocation.version.durable_waiting = max(0, invocation.version.durable_waiting - 1)
-
-    async def _relay_remote_result(self, plane: Plane, invocation: Invocation) -> None:
-        deadline = invocation.deadline
-        while invocation.state != DONE and time.monotonic() < deadline:
-            if not invocation.waiters and invocation.detached:
-                # Nobody waits here any more (answered 202): a poll on any replica fetches the result.
-                # It still counts in this replica's queued load until some replica starts it.
-                self._dispatcher.pending.pop(invocation.id, None)
-                record = await plane.record(invocation.id)
-                if record is None or record.state != RECORD_QUEUED:
-                    return
-                await asyncio.sleep(1.0)
-                continue
-            if not await plane.wait_result(invocation.account, invocation.id, 1.0):
-                continue
-            if invocation.state == DONE:
-                return
-            if invocation.instance is not None:
-                continue  # this replica runs it: its own run answers the waiters
-            record = await plane.record(invocation.id)
-            if record is None or record.state != RECORD_DONE:
-                await asyncio.sleep(0.05)
-                continue
-            if not invocation.waiters:
-                self._dispatcher.pending.pop(invocation.id, None)
-                return
-            result = await plane.take_result(invocation.id, record)
-            self._dispatcher.pending.pop(invocation.id, None)
-            if result is not None:
-                invocation.durable = False  # already marked returned by the take
-                self._dispatcher.complete(invocation, result)
-            return
 
     @staticmethod
     async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -714,7 +580,7 @@ class Gateway:
         plane = self._dispatcher.plane
         if plane is not None and (invocation is None or invocation.instance is None):
             # Not running here: the shared plane knows where it stands, whichever replica took it.
-            await self._durable_status(plane, request_id, account, poll, send)
+            await durable_status(plane, request_id, account, poll, send)
             return
         if invocation is None or (account is not None and invocation.account != account):
             raise _Refused(
@@ -723,72 +589,6 @@ class Gateway:
                 request_id=request_id,
             )
         await self._answer(invocation, poll, send, receive, invoking=False)
-
-    async def _durable_status(
-        self, plane: Plane, request_id: str, account: str | None, poll: int, send: Send
-    ) -> None:
-        """Answer a status poll from the plane's record and result of the request."""
-        waited = False
-        while True:
-            record = await plane.record(request_id)
-            if record is None or (account is not None and record.account != account):
-                raise _Refused(
-                    404,
-                    f"Request id '{request_id}' not found (unknown, expired or already returned)",
-                    request_id=request_id,
-                )
-            if record.state in (RECORD_RETURNED, RECORD_CANCELLED):
-                raise _Refused(
-                    404,
-                    f"Request id '{request_id}': the result was already returned",
-                    request_id=request_id,
-                )
-            if record.state == RECORD_DONE:
-                result = await plane.take_result(request_id, record)
-                if result is None:
-                    raise _Refused(
-                        404,
-                        f"Request id '{request_id}': the result was returned to another poll",
-                        request_id=request_id,
-                    )
-                await result.send(send)
-                return
-            if record.state == RECORD_RUNNING and not await plane.alive(record.owner):
-                if await plane.set_state(request_id, record, RECORD_RETURNED):
-                    detail = (
-                        f"The API replica that was running request '{request_id}' stopped before it "
-                        "finished; the request may or may not have run on its instance"
-                    )
-                    await failure_result(request_id, 502, detail).send(send)
-                    return
-                continue
-            if waited or poll <= 0:
-                break
-            waited = True
-            await plane.wait_result(record.account, request_id, poll)
-        headers = [
-            (b"nvcf-reqid", request_id.encode()),
-            (b"nvcf-status", b"in-progress"),
-            (b"access-control-expose-headers", b"nvcf-reqid"),
-            (b"content-length", b"0"),
-        ]
-        if record.state == RECORD_QUEUED:
-            headers.append((b"nvcf-queue-position", b"%d" % await plane.position(record)))
-        await send({"type": "http.response.start", "status": 202, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def _durable_position(
-        self, plane: Plane, request_id: str, account: str | None
-    ) -> tuple[Record, int]:
-        record = await plane.record(request_id)
-        if (
-            record is None
-            or (account is not None and record.account != account)
-            or record.state not in (RECORD_QUEUED, RECORD_RUNNING)
-        ):
-            detail = f"Request id '{request_id}' is not in pending or in progress state"
-            raise _Refused(404, detail, request_id=request_id)
-        return record, (await plane.position(record) if record.state == RECORD_QUEUED else 0)
 
     async def _position(self, scope: Scope, send: Send, org: str | None, request_id: str) -> None:
         if scope["method"] != "GET":
@@ -802,7 +602,7 @@ class Gateway:
         invocation = self._dispatcher.pending.get(request_id)
         plane = self._dispatcher.plane
         if plane is not None and (invocation is None or invocation.durable):
-            record, place = await self._durable_position(
+            record, place = await durable_position(
                 plane, request_id, None if principal.admin else principal.account
             )
             body = {
@@ -1017,80 +817,3 @@ class Gateway:
         out.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": body})
-
-
-class _StreamKeepAlive:
-    """Keeps a waiting event-stream client's connection busy with SSE comments until its answer comes.
-
-    After `interval` seconds without an answer it starts the response (200, `text/event-stream`) and
-    sends a comment line every `interval` seconds. The dispatcher relays the instance's stream through
-    `send`, which stops the comments and drops the relay's own response start once one went out; an
-    answer that is not a stream ends a started response as one SSE event (`event: error` for a status of
-    400 and above).
-    """
-
-    def __init__(self, send: Send, interval: float, request_id: bytes) -> None:
-        self._send = send
-        self._request_id = request_id
-        self.started = False
-        self._relaying = False
-        self._task = asyncio.get_running_loop().create_task(self._run(interval))
-
-    async def _run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            if self._relaying:
-                return
-            if not self.started:
-                self.started = True
-                headers = [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache"),
-                    (b"nvcf-reqid", self._request_id),
-                    (b"access-control-expose-headers", b"nvcf-reqid"),
-                ]
-                await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-            await self._send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
-
-    async def send(self, message: MutableMapping[str, Any]) -> None:
-        """Relay the instance's stream: stop the comments; skip the response start if one went out."""
-        if not self._relaying:
-            self._relaying = True
-            self._task.cancel()
-        if message["type"] == "http.response.start" and self.started:
-            return
-        await self._send(message)
-
-    def stop(self) -> None:
-        """Send no more comments."""
-        self._task.cancel()
-
-    async def finish(self, result: Result) -> None:
-        """End the started stream with an answer that is not a stream, as one SSE event."""
-        lines = result.body.replace(b"\r\n", b"\n").split(b"\n")
-        event = b"event: error\n" if result.status >= 400 else b""
-        data = b"".join(b"data: %s\n" % line for line in lines)
-        await self._send({"type": "http.response.body", "body": event + data + b"\n", "more_body": False})
-
-
-def _small_int(value: bytes) -> int | None:
-    """Return the ASCII decimal `value` as an int; None for anything else, or for over 15 digits."""
-    if not value.isdigit() or len(value) > 15:
-        return None
-    return int(value)
-
-
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    return dict(scope["headers"])
-
-
-def _drop_connection_tokens(forwarded: list[bytes], tokens: bytes) -> list[bytes]:
-    """Remove the headers that the client's Connection header names (hop-by-hop by declaration)."""
-    names = {t.strip().lower() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
-    if not names:
-        return forwarded
-    kept: list[bytes] = []
-    for index in range(0, len(forwarded), 4):
-        if forwarded[index] not in names:
-            kept.extend(forwarded[index : index + 4])
-    return kept

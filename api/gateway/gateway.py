@@ -41,7 +41,7 @@ from api.gateway.asgi import (
     send_json,
     send_problem,
 )
-from api.gateway.dispatcher import Dispatcher, QueueFull, response_headers
+from api.gateway.dispatcher import Dispatcher, QueueFull
 from api.gateway.durable import durable_position, durable_status, enqueue_durable
 from api.gateway.invocations import (
     CLAIMED,
@@ -59,11 +59,12 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
+from api.gateway.peers import ROUTES_PATH, forward_poll, tell_peers
 from api.gateway.plane import Plane
 from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
-from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
+from api.gateway.upstream import Endpoint
 from api.principal import Authenticate, Principal
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,6 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOAD_PATH = "/internal/v1/load"
-ROUTES_PATH = "/internal/v1/routes"
-"""Where a replica takes route changes from its peers (admin keys only)."""
 INVOKE_SCOPE = "invoke_function"
 QUEUE_SCOPE = "queue_details"
 
@@ -569,7 +568,9 @@ class Gateway:
         poll = self._poll_seconds(headers.get(b"nvcf-poll-seconds"))
         peer = self._peer(request_id, headers)
         if peer is not None:
-            await self._forward(peer, scope, headers, poll, send)
+            await forward_poll(
+                self._dispatcher.pool, self.settings.max_response_bytes, peer, scope, headers, poll, send
+            )
             return
         account = None if principal.admin else principal.account
         result = self._dispatcher.results.take(request_id, account)
@@ -597,7 +598,9 @@ class Gateway:
         principal = self._principal(headers.get(b"authorization"), QUEUE_SCOPE, org)
         peer = self._peer(request_id, headers)
         if peer is not None:
-            await self._forward(peer, scope, headers, 0, send)
+            await forward_poll(
+                self._dispatcher.pool, self.settings.max_response_bytes, peer, scope, headers, 0, send
+            )
             return
         invocation = self._dispatcher.pending.get(request_id)
         plane = self._dispatcher.plane
@@ -701,7 +704,7 @@ class Gateway:
     async def _broadcast(self, change: dict[str, Any]) -> None:
         plane = self._dispatcher.plane
         if plane is None:
-            await self._tell_peers(change)
+            await tell_peers(self._dispatcher.pool, self._peers.values(), self.settings, change)
             return
         try:
             await plane.publish_route_change(change)
@@ -714,43 +717,6 @@ class Gateway:
             self.routes.apply(change["apply"])
         elif isinstance(change.get("remove"), str):
             self.routes.remove(change["remove"])
-
-    async def _tell_peers(self, change: dict[str, Any]) -> None:
-        if self._peers:
-            body = json.dumps(change).encode()
-            await asyncio.gather(*(self._tell_peer(peer, body) for peer in self._peers.values()))
-
-    async def _tell_peer(self, peer: Endpoint, body: bytes) -> None:
-        head = b"POST %s HTTP/1.1\r\nhost: %s\r\nauthorization: Bearer %s\r\n%s: 1\r\n" % (
-            ROUTES_PATH.encode(),
-            peer.host_header,
-            self.settings.peer_key.encode(),
-            FORWARDED_HEADER,
-        )
-        head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
-        pool = self._dispatcher.pool
-        try:
-            conn = await pool.acquire(peer)
-        except UpstreamError as exc:
-            log.warning("Route change not sent to replica %s: %s", peer.url, exc.detail)
-            return
-        conn.send(head + body, 64 * 1024)
-        timer = asyncio.get_running_loop().call_later(
-            self.settings.peer_timeout_seconds,
-            conn.fail,
-            UpstreamTimeout("The replica did not acknowledge the route change", sent=True),
-        )
-        try:
-            status, _ = await conn.read_head()
-            await conn.read_body()
-        except UpstreamError as exc:
-            log.warning("Route change not acknowledged by replica %s: %s", peer.url, exc.detail)
-            return
-        finally:
-            timer.cancel()
-            conn.finish()
-        if status != 200:
-            log.warning("Replica %s refused a route change with status %d", peer.url, status)
 
     async def _peer_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Apply a route change sent by a peer replica (POST /internal/v1/routes, admin keys only)."""
@@ -783,37 +749,3 @@ class Gateway:
         if tag == self._tag or FORWARDED_HEADER in headers:
             return None
         return self._peers.get(tag)
-
-    async def _forward(
-        self, peer: Endpoint, scope: Scope, headers: dict[bytes, bytes], poll: int, send: Send
-    ) -> None:
-        """Relay a status or position poll to the replica whose id the request id carries."""
-        path: bytes = scope.get("raw_path") or scope["path"].encode()
-        lines = [b"GET ", path, b" HTTP/1.1\r\nhost: ", peer.host_header, b"\r\n"]
-        for name in (b"authorization", b"nvcf-poll-seconds", b"accept"):
-            if name in headers:
-                lines.extend((name, b": ", headers[name], b"\r\n"))
-        lines.append(b"%s: 1\r\ncontent-length: 0\r\n\r\n" % FORWARDED_HEADER)
-        pool = self._dispatcher.pool
-        try:
-            conn = await pool.acquire(peer)
-        except UpstreamError as exc:
-            raise _Refused(502, f"The replica holding this request is unreachable: {exc.detail}") from None
-        conn.send(b"".join(lines), self.settings.max_response_bytes + 64 * 1024)
-        timer = asyncio.get_running_loop().call_later(
-            poll + 30,
-            conn.fail,
-            UpstreamTimeout("The replica holding this request did not answer", sent=True),
-        )
-        try:
-            status, response = await conn.read_head()
-            body = await conn.read_body()
-        except UpstreamError as exc:
-            raise _Refused(502, f"The replica holding this request failed: {exc.detail}") from None
-        finally:
-            timer.cancel()
-            conn.finish()
-        out = response_headers(response)
-        out.append((b"content-length", b"%d" % len(body)))
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": body})

@@ -76,6 +76,8 @@ class FunctionVersionWorkflow(VersionSteps):
         self._step: asyncio.Task[None] | None = None
         self._drain_busy = False
         """The running graceful undeploy found requests to wait for (its DELETE can answer now)."""
+        self._skips_downtime: bool | None = None
+        """Whether this run keeps platform downtime off the deploy deadline (`DEADLINE_DOWNTIME_PATCH`)."""
 
     # --- Main loop ----------------------------------------------------------------------------------
 
@@ -150,16 +152,25 @@ class FunctionVersionWorkflow(VersionSteps):
         step = asyncio.create_task(self._step_body(deployment))
         self._step = step
         try:
-            await workflow.wait_condition(step.done, timeout=self._deploy_deadline(deployment))
-        except TimeoutError:
-            if self._state.status == FunctionStatus.DEPLOYING:
-                # The deadline fires whatever the step waits for (an activity retrying, a slow backend).
-                step.cancel()
-                await workflow.wait([step])
-                self._refresh_status()
-                return False
-            # The step itself decided the deployment meanwhile (ERROR, ACTIVE): let it finish.
-            await workflow.wait_condition(step.done)
+            while True:
+                try:
+                    await self._wait_counting_downtime(step.done, lambda: self._deploy_deadline(deployment))
+                    break
+                except TimeoutError:
+                    left = self._deploy_deadline(deployment)
+                    if self._skips_downtime and left is not None and left > timedelta(0):
+                        # The deadline timer fired late because the platform was stopped: it moved.
+                        continue
+                    if self._state.status == FunctionStatus.DEPLOYING:
+                        # The deadline fires whatever the step waits for (an activity retrying, a slow
+                        # backend).
+                        step.cancel()
+                        await workflow.wait([step])
+                        self._refresh_status()
+                        return False
+                    # The step itself decided the deployment meanwhile (ERROR, ACTIVE): let it finish.
+                    await workflow.wait_condition(step.done)
+                    break
         finally:
             if self._step is step:
                 self._step = None
@@ -182,8 +193,7 @@ class FunctionVersionWorkflow(VersionSteps):
         """Return the time left until DEPLOYING turns into ERROR (None when not deploying)."""
         if self._state.status != FunctionStatus.DEPLOYING or deployment.draining or deployment.removing:
             return None
-        deadline = deployment.deployStartedAt + timedelta(seconds=deployment.deployTimeoutSeconds)
-        return max(timedelta(0), deadline - workflow.now())
+        return max(timedelta(0), deployment.deploy_deadline() - workflow.now())
 
     def _cancel_step(self) -> None:
         """Cancel the running step (its activity too), so an undeploy or delete does not wait for it."""

@@ -56,6 +56,16 @@ GRACEFUL_CHECK_SECONDS = 5.0
 """A graceful undeploy first asks the gateways this long at most whether anything is queued or running."""
 TEARDOWN_RETRY_AFTER_SECONDS = 30.0
 """A teardown that failed after its retries is tried again after this long, for as long as it fails."""
+DEADLINE_DOWNTIME_PATCH = "deadline-skips-platform-downtime"
+"""Versions started with it (and `LIFECYCLE_STEPS_PATCH`) do not count time during which the platform
+(worker or Temporal) was stopped against the deploy deadline: while DEPLOYING no timer is longer than
+`DEADLINE_CHECK`, and a wake-up later than its timer by more than `PLATFORM_STOP_MARGIN` is added to
+`Deployment.deployPausedSeconds`. Decided once per run, like `LIFECYCLE_STEPS_PATCH`."""
+DEADLINE_CHECK = timedelta(seconds=60)
+"""The longest timer the workflow waits on while DEPLOYING, so a stop of the platform is noticed by at
+most this much time after it began."""
+PLATFORM_STOP_MARGIN = timedelta(seconds=30)
+"""A wake-up later than its timer by more than this was not a slow worker: nothing ran the workflow."""
 
 
 def raise_if_cancelled(err: ActivityError) -> None:

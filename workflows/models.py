@@ -7,7 +7,7 @@ Everything here is pure data: no I/O, safe to import inside the workflow sandbox
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -172,8 +172,15 @@ class Deployment(BaseModel):
     """What the prepare step pinned for each spec; None until it ran."""
     deployTimeoutSeconds: float = 900.0
     """DEPLOYING turns into ERROR when minInstances are not serving after this long."""
+    deployPausedSeconds: float = 0.0
+    """Time while DEPLOYING during which the platform was stopped (worker or Temporal down); it does not
+    count against `deployTimeoutSeconds` (`DEADLINE_DOWNTIME_PATCH` in `workflows/lifecycle_options.py`)."""
     removing: bool = False
     """A forced undeploy (or a delete) asked for the instances to go; the workflow is tearing them down."""
+
+    def deploy_deadline(self) -> datetime:
+        """Return when DEPLOYING turns into ERROR: the timeout after the start, plus platform downtime."""
+        return self.deployStartedAt + timedelta(seconds=self.deployTimeoutSeconds + self.deployPausedSeconds)
 
 
 class ScalingStatus(BaseModel):

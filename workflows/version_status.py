@@ -102,9 +102,7 @@ class VersionStatusKeeper:
             all_failed = len(tried) >= max(1, total_min) and all(
                 i.status in (InstanceStatus.ERRORED, InstanceStatus.TERMINATED) for i in tried
             )
-            past_deadline = workflow.now() >= deployment.deployStartedAt + timedelta(
-                seconds=deployment.deployTimeoutSeconds
-            )
+            past_deadline = workflow.now() >= deployment.deploy_deadline()
             deploy_failed = all_failed or past_deadline
             if past_deadline and not all_failed:
                 self._note_deadline(deployment)
@@ -120,6 +118,9 @@ class VersionStatusKeeper:
             if failures.lastError is None:
                 seconds = deployment.deployTimeoutSeconds
                 failures.lastError = f"Instances did not pass their health check within {seconds:.0f} s"
+                if deployment.deployPausedSeconds:
+                    paused = deployment.deployPausedSeconds
+                    failures.lastError += f" (not counting {paused:.0f} s while the platform was stopped)"
         self._refresh_health_info(deployment, force=True)
 
     def _refresh_health_info(self, deployment: Deployment, force: bool = False) -> None:

@@ -5,6 +5,7 @@ backoff and deploy deadline timers).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -12,9 +13,12 @@ from temporalio.exceptions import ActivityError
 
 from workflows import activity_contracts as contract
 from workflows.lifecycle_options import (
+    DEADLINE_CHECK,
+    DEADLINE_DOWNTIME_PATCH,
     LEGACY_WATCH_HEARTBEAT,
     LEGACY_WATCH_MAX_WAIT_SECONDS,
     ONE_WATCHER_PATCH,
+    PLATFORM_STOP_MARGIN,
     QUICK_RETRY,
     WATCH_HEARTBEAT,
     WATCH_MAX_WAIT_SECONDS,
@@ -39,6 +43,7 @@ class VersionWatching(VersionStatusKeeper):
     _observer: asyncio.Task[ObservedInstances] | None
     _load_watcher: asyncio.Task[WatchLoadResult] | None
     _watcher: asyncio.Task[WatchResult] | None
+    _skips_downtime: bool | None
 
     async def _wait_for_change(self) -> None:
         """Wait until an instance changes, the autoscaler wants another count, a handler ran, or a timer."""
@@ -57,8 +62,8 @@ class VersionWatching(VersionStatusKeeper):
             )
         watcher = self._watcher
         try:
-            await workflow.wait_condition(
-                lambda: self._dirty or watcher.done(), timeout=self._next_timer(deployment)
+            await self._wait_counting_downtime(
+                lambda: self._dirty or watcher.done(), lambda: self._next_timer(deployment)
             )
         except TimeoutError:
             return
@@ -166,10 +171,72 @@ class VersionWatching(VersionStatusKeeper):
             if f.retryNotBefore is not None and f.retryNotBefore > now
         ]
         if self._state.status == FunctionStatus.DEPLOYING:
-            deadlines.append(deployment.deployStartedAt + timedelta(seconds=deployment.deployTimeoutSeconds))
+            deadlines.append(deployment.deploy_deadline())
         if not deadlines:
             return None
         return max(timedelta(milliseconds=10), min(deadlines) - now)
+
+    def _skips_platform_downtime(self) -> bool:
+        """Return whether this run keeps platform downtime off the deploy deadline, decided once."""
+        if self._skips_downtime is None:
+            self._skips_downtime = self._uses_steps() and workflow.patched(DEADLINE_DOWNTIME_PATCH)
+        return self._skips_downtime
+
+    def _counts_downtime(self) -> bool:
+        """Return whether a wait now must notice platform downtime (DEPLOYING, with the patch)."""
+        deployment = self._state.deployment
+        return (
+            deployment is not None
+            and self._state.status == FunctionStatus.DEPLOYING
+            and not deployment.draining
+            and not deployment.removing
+            and self._skips_platform_downtime()
+        )
+
+    async def _wait_counting_downtime(
+        self, condition: Callable[[], bool], time_left: Callable[[], timedelta | None]
+    ) -> None:
+        """Wait until `condition()` holds; raise `TimeoutError` when the timer `time_left()` fires.
+
+        While DEPLOYING (with `DEADLINE_DOWNTIME_PATCH`) the wait is a series of timers of at most
+        `DEADLINE_CHECK`. While the worker and Temporal run, the workflow wakes at the latest when such
+        a timer is due; a wake-up later than that by more than `PLATFORM_STOP_MARGIN` means nothing ran
+        the workflow (worker or Temporal stopped), and that lateness is added to the deployment's
+        `deployPausedSeconds`, which moves the deploy deadline. A stopped worker holds no activity
+        attempt back either: a retry waits in the task queue without a timeout until a worker takes it.
+        """
+        while True:
+            left = time_left()
+            if not self._counts_downtime():
+                await workflow.wait_condition(condition, timeout=left)
+                return
+            if condition():
+                return
+            if left is not None and left <= timedelta(0):
+                raise TimeoutError()
+            check = DEADLINE_CHECK if left is None else min(left, DEADLINE_CHECK)
+            started = workflow.now()
+            try:
+                await workflow.wait_condition(condition, timeout=check)
+            except TimeoutError:
+                self._note_platform_downtime(started, check)
+                if check == left:
+                    raise
+                continue
+            self._note_platform_downtime(started, check)
+            return
+
+    def _note_platform_downtime(self, started: datetime, timer: timedelta) -> None:
+        """Add a wake-up's lateness (beyond its timer `timer`, set at `started`) to the paused time."""
+        deployment = self._state.deployment
+        late = workflow.now() - started - timer
+        if deployment is None or late <= PLATFORM_STOP_MARGIN:
+            return
+        deployment.deployPausedSeconds += late.total_seconds()
+        workflow.logger.warning(
+            "The platform was stopped for about %.0f s while deploying; the deploy deadline moves by that",
+            late.total_seconds(),
+        )
 
     async def _stop_watchers(self) -> None:
         for task in (self._observer, self._load_watcher, self._watcher):

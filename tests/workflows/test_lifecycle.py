@@ -227,3 +227,22 @@ async def test_undeploy_or_delete_during_a_hung_activity_answers_quickly(
         assert cluster.calls[-1] == "teardown"
         if request_kind == "delete":
             await lifecycle.handle.result()
+
+
+async def test_a_real_deploy_timeout_still_ends_in_error_while_the_platform_runs(
+    lifecycle: Lifecycle,
+) -> None:
+    """Instances that never pass their health check, deadline longer than the workflow's re-check timer:
+    ERROR after the configured 150 s (the re-checks are not mistaken for a stopped platform)."""
+    lifecycle.cluster.start_status = InstanceStatus.STARTING
+    async with lifecycle.worker():
+        await deployed(lifecycle, timeout_seconds=150)
+        await lifecycle.until(lambda s: len(s.instances) == 1)
+        await lifecycle.skip(140)
+        deploying = await lifecycle.state()
+        assert deploying.status == FunctionStatus.DEPLOYING
+        assert deploying.deployment is not None and deploying.deployment.deployPausedSeconds == 0
+        await lifecycle.skip(15)
+        failed = await lifecycle.until(lambda s: s.status == FunctionStatus.ERROR)
+        assert any("within 150 s" in h.error for h in failed.healthInfo), failed.healthInfo
+        assert not any("platform was stopped" in h.error for h in failed.healthInfo), failed.healthInfo

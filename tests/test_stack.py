@@ -245,6 +245,37 @@ def test_a_stack_stopped_while_deploying_continues_the_deployment_on_the_next_st
         assert second.stop() == 0
 
 
+def test_a_stack_stopped_longer_than_the_deploy_timeout_still_deploys_after_the_restart(home: Path) -> None:
+    """Time the platform was down is not deploy time: a stop longer than GPUFN_DEPLOY_TIMEOUT is no ERROR."""
+    env = stack_env(home, GPUFN_DEPLOY_TIMEOUT="20")
+    api = _api(env)
+    first = UpProcess(home, env)
+    try:
+        first.wait_ready()
+        headers = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+        function = _deploy_echo(api, headers, "stopped-long", start_seconds=8)
+        _wait(lambda: any(r["pid"] for r in _records(home)), 30, "the instance process started")
+        assert _status(api, headers, function) == "DEPLOYING"
+    finally:
+        assert first.stop() == 0
+    # Down for longer than the deploy timeout plus the workflow's margin for a slow worker (30 s).
+    time.sleep(55)
+
+    second = UpProcess(home, env)
+    try:
+        second.wait_ready()
+        statuses: list[str | None] = []
+
+        def active() -> bool:
+            statuses.append(_status(api, headers, function))
+            return statuses[-1] == "ACTIVE"
+
+        _wait(active, 60, "the deployment became ACTIVE")
+        assert "ERROR" not in statuses
+    finally:
+        assert second.stop() == 0
+
+
 def _children(pid: int) -> dict[int, str]:
     found = {}
     for entry in Path("/proc").iterdir():

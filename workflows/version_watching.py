@@ -227,15 +227,22 @@ class VersionWatching(VersionStatusKeeper):
             return
 
     def _note_platform_downtime(self, started: datetime, timer: timedelta) -> None:
-        """Add a wake-up's lateness (beyond its timer `timer`, set at `started`) to the paused time."""
+        """Count the time since the workflow last ran (`started`) as paused, if its wake-up was late.
+
+        A wake-up later than its timer `timer` (set at `started`) by more than the margin means the
+        platform stopped at some moment after `started`; when is unknown, so the whole interval is
+        counted: the function gets the benefit of the doubt (at most one `DEADLINE_CHECK` more than the
+        stop), instead of losing the part of the stop that fell before the timer was due.
+        """
         deployment = self._state.deployment
-        late = workflow.now() - started - timer
-        if deployment is None or late <= PLATFORM_STOP_MARGIN:
+        now = workflow.now()
+        if deployment is None or now - started - timer <= PLATFORM_STOP_MARGIN:
             return
-        deployment.deployPausedSeconds += late.total_seconds()
+        paused = (now - started).total_seconds()
+        deployment.deployPausedSeconds += paused
         workflow.logger.warning(
-            "The platform was stopped for about %.0f s while deploying; the deploy deadline moves by that",
-            late.total_seconds(),
+            "The platform was stopped for up to %.0f s while deploying; the deploy deadline moves by that",
+            paused,
         )
 
     async def _stop_watchers(self) -> None:

@@ -23,8 +23,11 @@ class GatewaySettings:
     """How long a finished result waits for its poll before it is dropped."""
     result_memory_bytes: int = 512 * MIB
     """Bound on the results waiting for their poll; beyond it the oldest are dropped first."""
-    max_queue_depth: int = 10_000
-    """Requests waiting per version (per replica) before new ones are refused with 429."""
+    max_queue_depth: int = 100_000
+    """Requests waiting per version before new ones are refused with 429 (NVCF's limit, reference 5.4).
+
+    With the invocation plane it bounds the version's shared queue, over all replicas; without it, each
+    replica's own queue."""
     max_request_bytes: int = 5 * MIB
     """Largest inline request body; larger bodies are refused with 413."""
     max_response_bytes: int = 5 * MIB

@@ -59,3 +59,9 @@ class GatewaySettings:
     """Bound on the durable 202 results one account keeps waiting for their poll (with `nats_url`)."""
     maintenance_interval_seconds: float = 1.0
     """How often expired results, timed-out queued requests and idle connections are swept."""
+    freeze_gc_at_start: bool = True
+    """Move what exists when the gateway starts out of the garbage collector's reach (`gc.freeze()`).
+
+    Start-up's objects (modules, classes, the app) live as long as the process, yet every full collection
+    walked them all: tens of milliseconds with the event loop stopped, every second or two under load,
+    which was the gateway's p99 (docs/performance.md, tail latency)."""

@@ -28,12 +28,19 @@ slots leased from it), and two more scenarios run:
 (e) echo, 32 clients split 16/16 over two gateway replicas sharing the plane: total requests/s.
 
 Every round measures direct then gateway for each scenario; the table shows the median over rounds.
+
+The gateway process also runs an event-loop lag probe (a task that sleeps 1 ms and records how late it
+wakes) and times its garbage collections; each round prints the loop lag and the longest full
+collection next to direct's and the gateway's p99. `--switch` turns a suspect of loop stalls off in the
+gateway (`gc-off`, `sweep-off`, `records-off`, `no-gc-freeze`) or gives it the API process's heap
+(`api-heap`); see docs/performance.md, "Tail latency".
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -147,8 +154,81 @@ def load_main(args: argparse.Namespace) -> None:
 # --- gateway process --------------------------------------------------------------------------------
 
 
+class LagProbe:
+    """Event-loop lag: a task that sleeps 1 ms again and again and records how late each wake-up came.
+
+    A wake-up late by 20 ms means the loop ran something else for 20 ms without a break (a GC pass, a
+    sweep over many objects): every request on that loop waited as long.
+    """
+
+    TICK = 0.001
+
+    def __init__(self) -> None:
+        self._overshoots: list[float] = []
+        self._collections: list[tuple[int, float]] = []
+        """(generation, seconds) of each garbage collection, timed by a `gc.callbacks` hook."""
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection of this process from now on."""
+        import gc
+
+        def timed(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            else:
+                self._collections.append((info["generation"], time.perf_counter() - self._gc_started))
+
+        gc.callbacks.append(timed)
+
+    async def run(self) -> None:
+        """Sleep `TICK` forever, recording each wake-up's delay beyond it."""
+        clock = time.perf_counter
+        record = self._overshoots.append
+        while True:
+            before = clock()
+            await asyncio.sleep(self.TICK)
+            record(clock() - before - self.TICK)
+
+    def take(self) -> dict[str, Any]:
+        """Return the lag figures (ms) since the last call, and start afresh."""
+        lags = sorted(self._overshoots)
+        self._overshoots.clear()  # the same list: `run` appends to it
+        full = [seconds for generation, seconds in self._collections if generation == 2]
+        young = [seconds for generation, seconds in self._collections if generation < 2]
+        self._collections.clear()
+        count = len(lags)
+        if not count:
+            return {"lag_samples": 0}
+        return {
+            "gc_full": len(full),
+            "gc_full_max_ms": max(full, default=0.0) * 1e3,
+            "gc_young": len(young),
+            "gc_young_max_ms": max(young, default=0.0) * 1e3,
+            "lag_samples": count,
+            "lag_p50_ms": lags[count // 2] * 1e3,
+            "lag_p99_ms": lags[min(count - 1, int(count * 0.99))] * 1e3,
+            "lag_max_ms": lags[-1] * 1e3,
+            "lag_over_10ms": sum(1 for lag in lags if lag > 0.010),
+        }
+
+
+LAG_PATH = "/bench/lag"
+"""GET on the bench's gateway process: the loop-lag figures since the last GET (then reset)."""
+
+SWITCHES = ("api-heap", "no-gc-freeze", "gc-off", "sweep-off", "records-off")
+"""Experiment switches of the served gateway (`--switch`): suspects of loop stalls, off one at a time.
+
+`api-heap` makes the gateway process import what `python -m api` imports (FastAPI, Temporal's client,
+the routes), so its heap, and the cost of a full garbage collection, is the API process's; `no-gc-freeze`
+keeps start-up's objects in the collected generations (`GatewaySettings.freeze_gc_at_start` off)."""
+
+
 def serve_main(args: argparse.Namespace) -> None:
+    import gc
+
     import uvicorn
+    import uvloop
 
     sys.path.insert(0, str(ROOT))
     from api.gateway import Gateway, GatewaySettings
@@ -161,13 +241,48 @@ def serve_main(args: argparse.Namespace) -> None:
         # Stand-in for the key store (which lives in Temporal): one fixed key.
         return principal if header == f"Bearer {KEY}" else None
 
-    gateway = Gateway(
-        authenticate, GatewaySettings(replica_id=f"bench-{args.port}", nats_url=args.nats_url or None)
+    from api.observability import GatewayObserver
+    from api.observability.records import RequestRecord
+
+    class NoRecords:
+        """A request-record store that keeps nothing (switch `records-off`)."""
+
+        def put(self, record: RequestRecord) -> None:
+            """Keep nothing."""
+
+        def get(self, request_id: str) -> RequestRecord | None:
+            """Know nothing."""
+            return None
+
+    switches = set(args.switch)
+    if "api-heap" in switches:
+        import api.__main__  # only for its imports: the API process's heap
+        import api.app  # noqa: F401
+    settings = GatewaySettings(
+        replica_id=f"bench-{args.port}",
+        nats_url=args.nats_url or None,
+        freeze_gc_at_start="no-gc-freeze" not in switches,
     )
+    if "sweep-off" in switches:
+        settings = dataclasses.replace(settings, maintenance_interval_seconds=3600.0)
+    observer = GatewayObserver(records=NoRecords()) if "records-off" in switches else None
+    gateway = Gateway(authenticate, settings, observer=observer)
     for route in json.loads(args.routes):
         gateway.routes.apply(route)
+    probe = LagProbe()
+    app = gateway.asgi_app()
+
+    async def probed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == LAG_PATH:
+            body = json.dumps(probe.take()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
     config = uvicorn.Config(
-        gateway.asgi_app(),
+        probed,
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -176,7 +291,19 @@ def serve_main(args: argparse.Namespace) -> None:
         access_log=False,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.get_running_loop().create_task(probe.run())
+        probe.watch_gc()
+        if "gc-off" in switches:
+            gc.disable()
+        try:
+            await server.serve()
+        finally:
+            task.cancel()
+
+    uvloop.run(serve())
 
 
 # --- orchestration ----------------------------------------------------------------------------------
@@ -291,6 +418,13 @@ def _run_load(
     return result
 
 
+def _lag(port: int) -> dict[str, Any]:
+    """Return the gateway process's loop-lag figures since the last call (and reset them)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{LAG_PATH}", timeout=10) as response:
+        figures: dict[str, Any] = json.loads(response.read())
+        return figures
+
+
 def _machine() -> str:
     model = "unknown CPU"
     try:
@@ -334,6 +468,8 @@ def main_bench(args: argparse.Namespace) -> int:
             nats_url = f"nats://127.0.0.1:{nats_port}"
             time.sleep(1.0)
         serve = [sys.executable, __file__, "serve", "--routes", json.dumps(routes), "--nats-url", nats_url]
+        for switch in args.switch:
+            serve += ["--switch", switch]
         procs.append(subprocess.Popen([*serve, "--port", str(gateway_port)]))
         gateway_pid = procs[-1].pid
         second_port = _free_port()
@@ -362,6 +498,7 @@ def main_bench(args: argparse.Namespace) -> int:
             for name, (version, port, concurrency) in scenarios.items():
                 direct = _run_load(port, "/echo", concurrency, args.duration)
                 path = f"/v2/nvcf/pexec/functions/fn-{version}"
+                _lag(gateway_port)  # start the loop-lag figures afresh
                 if name == "e":
                     gateway = _run_split_load([gateway_port, second_port], path, concurrency, args.duration)
                 else:
@@ -373,6 +510,7 @@ def main_bench(args: argparse.Namespace) -> int:
                         server_pid=gateway_pid,
                         headers=["NVCF-POLL-SECONDS: 0"] if name == "d" else None,
                     )
+                gateway.update(_lag(gateway_port))
                 if not gateway["requests"]:
                     raise SystemExit(f"scenario {name}: no request was answered by the gateway: {gateway}")
                 runs[name]["direct"].append(direct)
@@ -382,7 +520,13 @@ def main_bench(args: argparse.Namespace) -> int:
                     f"direct {direct['rps']:.0f} req/s p50 {direct['p50_ms']:.3f} ms"
                     f" | gateway {gateway['rps']:.0f} req/s p50 {gateway['p50_ms']:.3f} ms"
                     f" cpu {gateway.get('server_cpu_us', float('nan')):.0f} us/req"
-                    f" errors {direct['errors']}/{gateway['errors']}",
+                    f" errors {direct['errors']}/{gateway['errors']}"
+                    f" | p99 direct {direct['p99_ms']:.2f} ms gateway {gateway['p99_ms']:.2f} ms"
+                    f" loop lag p99 {gateway.get('lag_p99_ms', float('nan')):.2f}"
+                    f" max {gateway.get('lag_max_ms', float('nan')):.1f} ms"
+                    f" ({gateway.get('lag_over_10ms', 0)} over 10 ms);"
+                    f" full GCs {gateway.get('gc_full', 0)}"
+                    f" (longest {gateway.get('gc_full_max_ms', 0):.1f} ms)",
                     flush=True,
                 )
     finally:
@@ -429,6 +573,7 @@ def main_bench(args: argparse.Namespace) -> int:
         )
     if "c" in runs:
         rps_c = med("c", "gateway", "rps")
+        p99_ratio_c = med("c", "gateway", "p99_ms") / med("c", "direct", "p99_ms")
         cpu_c = (
             statistics.median(r["server_cpu_us"] for r in runs["c"]["gateway"])
             if all("server_cpu_us" in r for r in runs["c"]["gateway"])
@@ -438,8 +583,11 @@ def main_bench(args: argparse.Namespace) -> int:
             (
                 "(c) echo, 32 clients",
                 f"gateway {rps_c:.0f} req/s (p50 {med('c', 'gateway', 'p50_ms'):.2f} / "
-                f"p99 {med('c', 'gateway', 'p99_ms'):.2f} ms, {cpu_c:.0f} us of gateway CPU per request); "
-                f"direct {med('c', 'direct', 'rps'):.0f} req/s",
+                f"p99 {med('c', 'gateway', 'p99_ms'):.2f} ms, {cpu_c:.0f} us of gateway CPU per request; "
+                f"loop lag p99 {med('c', 'gateway', 'lag_p99_ms'):.2f} / "
+                f"max {med('c', 'gateway', 'lag_max_ms'):.1f} ms); "
+                f"direct {med('c', 'direct', 'rps'):.0f} req/s (p50 {med('c', 'direct', 'p50_ms'):.2f} / "
+                f"p99 {med('c', 'direct', 'p99_ms'):.2f} ms); gateway p99 {p99_ratio_c:.1f}x direct's",
                 ">= 3,000 req/s",
                 rps_c >= 3000,
             )
@@ -469,6 +617,8 @@ def main_bench(args: argparse.Namespace) -> int:
     print()
     print(f"Machine: {_machine()}; load average before {load_before}, after {_load_average()}")
     print(f"{args.rounds} rounds of {args.duration:.0f} s per measurement, medians; errors: {errors}")
+    if args.switch:
+        print(f"gateway switches: {', '.join(args.switch)}")
     print(f"{'scenario':<26} {'target':<20} {'met':<4} figures")
     for name, figures, target, met in rows:
         print(f"{name:<26} {target:<20} {'yes' if met else 'NO':<4} {figures}")
@@ -495,6 +645,7 @@ def main() -> int:
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--routes", required=True)
     serve.add_argument("--nats-url", default="")
+    serve.add_argument("--switch", action="append", default=[], choices=SWITCHES)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--json", help="also write every run's figures to this file")
@@ -502,6 +653,13 @@ def main() -> int:
         "--scenarios", default="abcde", help="which of the scenarios a-e to run (d, e need --nats)"
     )
     parser.add_argument("--nats", action="store_true", help="gateways on the NATS invocation plane")
+    parser.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        choices=SWITCHES,
+        help="experiment: switch a suspect of loop stalls off in the gateway (repeatable)",
+    )
     args = parser.parse_args()
     if args.command == "load":
         load_main(args)

@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     """Seconds a finished invocation's result waits for its poll."""
     result_memory_bytes: int = 512 * 1024 * 1024
     """Memory bound for finished results waiting for their poll."""
-    max_queue_depth: int = 10_000
-    """Requests a version's queue holds before invocations answer 429."""
+    max_queue_depth: int = 100_000
+    """Requests a version's queue holds before invocations answer 429 (NVCF's limit; with NATS, global)."""
     kubeconfigs: list[Path] = Field(default_factory=list)
     """Kubeconfig files; each cluster becomes a cluster group served by the Kubernetes backend."""
     kube_namespace_prefix: str = "gpufn-"

@@ -102,10 +102,6 @@ DOMAIN_EXTERNAL_IMPORTS = frozenset(
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # Each entry: (importer, imported) -> why it is wrong and how it goes away. Remove an entry with its
     # import; the test fails while a listed import is still absent from the code.
-    ("api.gateway.routes", "api.gateway.invocations"): (
-        "a cycle (both only under TYPE_CHECKING): routes and invocations name each other's classes; give "
-        "the table an Invocation protocol of its own, or merge the in-flight bookkeeping into one module"
-    ),
 }
 
 

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Final
+from collections import deque
+from typing import Final, cast
 
 from api.gateway.invocations import (
     CANCELLED,
@@ -30,7 +31,8 @@ from api.gateway.invocations import (
     ResultStore,
     Waiter,
 )
-from api.gateway.plane import FETCH_SECONDS, LEASE_SECONDS, Plane
+from api.gateway.plane import Plane
+from api.gateway.plane_feed import PlaneFeed
 from api.gateway.routes import Instance, RouteTable, VersionRoute, header_value
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import (
@@ -66,6 +68,11 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 )
 
 
+def _queue(version: VersionRoute) -> deque[Invocation]:
+    """Return the version's queue: it holds only invocations, which this dispatcher alone puts there."""
+    return cast("deque[Invocation]", version.queue)
+
+
 class QueueFull(Exception):
     """The version's queue holds the most requests allowed."""
 
@@ -75,8 +82,6 @@ class _Retry:
 
 
 _RETRY: Final = _Retry()
-LEASE_WINDOW_SECONDS = 1.0
-"""Every this long a replica gives back the leased slots of an instance that it did not use at once."""
 _SKIP: Final = _Retry()
 """Marker: a pulled request that must not run here (cancelled or claimed elsewhere)."""
 
@@ -132,13 +137,13 @@ class Dispatcher:
         self._maintenance: asyncio.Task[None] | None = None
         self.plane: Plane | None = None
         """The shared invocation plane, when configured: durable queues, records and results."""
-        self._pullers: dict[str, asyncio.Task[None]] = {}
-        """Per version, the task that pulls its shared queue while this replica has a free slot."""
-        self._slot_freed: dict[str, asyncio.Event] = {}
-        self._leasers: dict[tuple[str, str], asyncio.Task[None]] = {}
-        """Per (version, instance), the task that leases and gives back this replica's slots on it."""
-        self._demand: dict[str, asyncio.Event] = {}
-        """Per version, set when a request of it had to queue here (wake the leasers)."""
+        self._feed: PlaneFeed | None = None
+        """Leases this replica's slots and pulls the shared queues, while the plane is in use."""
+
+    def use_plane(self, plane: Plane | None) -> None:
+        """Start serving the shared invocation plane's queues (None: stop using it; after `close`)."""
+        self.plane = plane
+        self._feed = PlaneFeed(plane, self.pending, self._start) if plane is not None else None
 
     async def start(self) -> None:
         """Start sweeping expired results, timed-out queued requests and stale connections."""
@@ -154,13 +159,8 @@ class Dispatcher:
             self._maintenance = None
         for version in self.routes:
             self._fail_queue(version, 503, "The gateway is shutting down")
-        background = [*self._pullers.values(), *self._leasers.values()]
-        for task in background:
-            task.cancel()
-        if background:
-            await asyncio.gather(*background, return_exceptions=True)
-        self._pullers.clear()
-        self._leasers.clear()
+        if self._feed is not None:
+            await self._feed.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -238,7 +238,7 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     def _pump(self, version: VersionRoute) -> None:
-        queue = version.queue
+        queue = _queue(version)
         while queue:
             instance = version.pick()
             if instance is None:
@@ -246,7 +246,7 @@ class Dispatcher:
             self._start(queue.popleft(), instance)
 
     def _fail_queue(self, version: VersionRoute, status: int, detail: str) -> None:
-        queue = version.queue
+        queue = _queue(version)
         while queue:
             invocation = queue.popleft()
             self.complete(invocation, invocation.problem(status, detail))
@@ -258,28 +258,18 @@ class Dispatcher:
         if version.queue and version.active:
             self.observer.instances_ready(version.queue)  # observability hook: cold starts end
         self._pump(version)
-        if self.plane is not None and version.active and version.version_id not in self._pullers:
-            task = asyncio.get_running_loop().create_task(self._pull_forever(version))
-            self._pullers[version.version_id] = task
-        if self.plane is not None:
-            loop = asyncio.get_running_loop()
-            for instance in version.active:
-                key = (version.version_id, instance.id)
-                if key not in self._leasers:
-                    self._leasers[key] = loop.create_task(self._lease_forever(version, instance))
-        self._slot_free(version)
+        if self._feed is not None:
+            self._feed.routes_changed(version)
 
     def wanted(self, version: VersionRoute) -> None:
         """Note that a request of `version` queued here: lease more slots if any are free."""
-        event = self._demand.get(version.version_id)
-        if event is not None:
-            event.set()
+        if self._feed is not None:
+            self._feed.wanted(version)
 
     def route_removed(self, version: VersionRoute) -> None:
         """Fail the queued requests of a version that left the routes (forced undeploy, deletion)."""
-        puller = self._pullers.pop(version.version_id, None)
-        if puller is not None:
-            puller.cancel()
+        if self._feed is not None:
+            self._feed.route_removed(version)
         self._fail_queue(
             version,
             503,
@@ -339,7 +329,8 @@ class Dispatcher:
             result = invocation.problem(500, "The gateway failed while handling the request")
         finally:
             self.routes.released(version, instance)
-            self._slot_free(version)
+            if self._feed is not None:
+                self._feed.slot_free(version)
         if result is _SKIP:
             pass
         elif result is _RETRY:
@@ -368,137 +359,6 @@ class Dispatcher:
         if time.time() > fetched.deadline:
             return invocation.problem(504, "No instance started the request within its timeout")
         return None
-
-    def _slot_free(self, version: VersionRoute) -> None:
-        event = self._slot_freed.get(version.version_id)
-        if event is not None:
-            event.set()
-
-    async def _lease_forever(self, version: VersionRoute, instance: Instance) -> None:
-        """Hold this replica's share of the instance's slots: lease on demand, give back when idle."""
-        key = (version.version_id, instance.id)
-        try:
-            while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
-                try:
-                    await self._lease(version, instance)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("Leasing slots of instance %s failed: %r", instance.id, exc)
-                    await asyncio.sleep(1.0)
-        finally:
-            if self._leasers.get(key) is asyncio.current_task():
-                del self._leasers[key]
-
-    async def _lease(self, version: VersionRoute, instance: Instance) -> None:
-        plane = self.plane
-        assert plane is not None
-        subscription = await plane.slot_subscription(version.version_id, instance.id, instance.limit)
-        demand = self._demand.setdefault(version.version_id, asyncio.Event())
-        held: list[Any] = []
-        renewed = window_start = time.monotonic()
-        try:
-            while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
-                now = time.monotonic()
-                if held and now - renewed > LEASE_SECONDS / 3:
-                    renewed = now
-                    await asyncio.gather(*(token.in_progress() for token in held))
-                if now - window_start >= LEASE_WINDOW_SECONDS:
-                    # Keep what the busiest moment of the last window used; give the rest back for the
-                    # other replicas' requests (all of it once idle). Nothing while requests queue here.
-                    keep = len(held) if version.backlog else max(instance.peak, instance.in_flight)
-                    instance.peak = instance.in_flight
-                    window_start = now
-                    if len(held) > keep:
-                        giving, held = held[keep:], held[:keep]
-                        instance.capacity = len(held)
-                        await asyncio.gather(*(token.nak() for token in giving))
-                        continue
-                # A fetch that timed out here may still have been answered: such tokens wait in the
-                # subscription and count as held by this replica, so they are taken (and given back).
-                stray = subscription.pending_msgs > 0
-                if stray or (version.backlog and len(held) < instance.limit):
-                    # As many as wait here (at least one): a replica leases what its load needs.
-                    wanted = max(1, min(instance.limit - len(held), version.durable_waiting))
-                    try:
-                        tokens = await subscription.fetch(wanted, timeout=1.0)
-                    except TimeoutError:
-                        continue
-                    held.extend(tokens)
-                    instance.capacity = len(held)
-                    renewed = time.monotonic()
-                    self._slot_free(version)
-                    continue
-                demand.clear()
-                try:
-                    await asyncio.wait_for(demand.wait(), LEASE_WINDOW_SECONDS)
-                except TimeoutError:
-                    if not held and await plane.queue_depth(version.version_id) > 0:
-                        # Requests wait that no live replica asked for (their replica died): serve them.
-                        version.backlog = True
-        finally:
-            instance.capacity = 0
-            for token in held:
-                with contextlib.suppress(Exception):
-                    await token.nak()
-
-    async def _pull_forever(self, version: VersionRoute) -> None:
-        """Pull the version's shared queue whenever this replica has a free slot for it."""
-        while not version.removed:
-            try:
-                await self._pull(version)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("Pulling the queue of version %s failed: %r", version.version_id, exc)
-                await asyncio.sleep(1.0)
-
-    async def _pull(self, version: VersionRoute) -> None:
-        plane = self.plane
-        assert plane is not None
-        subscription = await plane.subscribe_queue(version.version_id)
-        event = self._slot_freed.setdefault(version.version_id, asyncio.Event())
-        while not version.removed:
-            if version.pick() is None:
-                if subscription.pending_msgs > 0:
-                    # Delivered after a fetch timed out: back to the queue for a replica with a free slot.
-                    for message in await subscription.fetch(subscription.pending_msgs, timeout=1.0):
-                        await message.nak()
-                event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), 1.0)
-                continue
-            try:
-                messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
-            except TimeoutError:
-                version.backlog = False
-                continue
-            for message in messages:
-                instance = version.pick()
-                if instance is None:
-                    # A direct request took the slot meanwhile: back to the queue for whoever has one.
-                    await message.nak()
-                    version.backlog = True
-                    continue
-                version.backlog = message.metadata.num_pending > 0
-                queued = Plane.decode_queued(message)
-                invocation = self.pending.get(queued.request_id)
-                if invocation is not None and invocation.attempts == 0:
-                    version.durable_waiting = max(0, version.durable_waiting - 1)
-                if invocation is None:
-                    invocation = Invocation(
-                        queued.request_id,
-                        version,
-                        queued.account,
-                        queued.subject,
-                        queued.body,
-                        queued.client_headers,
-                        False,
-                        max(0.0, queued.deadline - time.time()),
-                    )
-                invocation.durable = True
-                invocation.fetched = queued
-                self._start(invocation, instance)
 
     async def _call(self, invocation: Invocation, instance: Instance) -> Result | _Retry | None:
         version = invocation.version
@@ -641,7 +501,7 @@ class Dispatcher:
             if invocation.deadline <= now:
                 conn.fail(UpstreamTimeout("No answer within the request timeout", sent=True))
         for version in self.routes:
-            queue = version.queue
+            queue = _queue(version)
             expired = [i for i in queue if i.deadline <= now] if queue and queue[0].deadline <= now else []
             for invocation in expired:
                 queue.remove(invocation)

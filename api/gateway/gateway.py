@@ -14,27 +14,31 @@ account):
 
 `load_report()` is the body of GET /internal/v1/load[?since=G&epoch=E], which the API serves (admin keys
 only): every version's load, or only what changed since the poller's last report.
+
+This module routes the paths and admits invocations; the other jobs have modules of their own: keys,
+scopes and the choice of version (`access`), the status, position and queue answers (`queries`), running
+requests on instances (`dispatcher`), the shared plane (`durable`, `plane_feed`, `plane`) and the
+replica-to-replica HTTP used without it (`peers`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
-import random
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from api.gateway.access import INVOKE_SCOPE, Access
 from api.gateway.asgi import (
     _DEFAULT_CONTENT_TYPE,
     _DROPPED_REQUEST_HEADERS,
     FORWARDED_HEADER,
     _drop_connection_tokens,
-    _headers,
     _Refused,
     _small_int,
     _StreamKeepAlive,
@@ -42,7 +46,7 @@ from api.gateway.asgi import (
     send_problem,
 )
 from api.gateway.dispatcher import Dispatcher, QueueFull
-from api.gateway.durable import durable_position, durable_status, enqueue_durable
+from api.gateway.durable import enqueue_durable
 from api.gateway.invocations import (
     CLAIMED,
     CLIENT_GONE,
@@ -59,8 +63,9 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
-from api.gateway.peers import ROUTES_PATH, forward_poll, tell_peers
+from api.gateway.peers import ROUTES_PATH, tell_peers
 from api.gateway.plane import Plane
+from api.gateway.queries import Queries
 from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
@@ -75,8 +80,6 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOAD_PATH = "/internal/v1/load"
-INVOKE_SCOPE = "invoke_function"
-QUEUE_SCOPE = "queue_details"
 
 
 def replica_tag(replica_id: str) -> str:
@@ -107,7 +110,6 @@ class Gateway:
         observer: GatewayObserver | None = None,
     ) -> None:
         self.settings = settings or GatewaySettings()
-        self._authenticate = authenticate
         self.observer = observer if observer is not None else GatewayObserver()
         self.observer.metrics.watch_load(lambda: self.routes.load_snapshot()["versions"])
         self._dispatcher = Dispatcher(self.settings, self.observer)
@@ -123,6 +125,10 @@ class Gateway:
             for replica_id, url in self.settings.peers.items()
             if replica_id != self.settings.replica_id
         }
+        self._access = Access(authenticate, self.routes, self.settings)
+        self._queries = Queries(
+            self._access, self._dispatcher, self.settings, self._peer, self._answer, self.load_report
+        )
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -148,20 +154,25 @@ class Gateway:
             )
             await plane.start()
             await plane.subscribe_routes(self._apply_change)
-            self._dispatcher.plane = plane
+            self._dispatcher.use_plane(plane)
             self.routes.leased = True
             for version in self.routes:
                 for instance in version.instances.values():
                     instance.capacity = 0
                 self._dispatcher.routes_changed(version)
         await self._dispatcher.start()
+        if settings.freeze_gc_at_start:
+            # Called once the process is up: what exists now lives as long as it, so full collections
+            # need not walk it (they stopped the event loop for tens of milliseconds under load).
+            gc.collect()
+            gc.freeze()
 
     async def close(self) -> None:
         """Stop: fail queued requests, end calls in flight, close connections to instances."""
         await self._dispatcher.close()
         if self._dispatcher.plane is not None:
             await self._dispatcher.plane.close()
-            self._dispatcher.plane = None
+            self._dispatcher.use_plane(None)
 
     def load_snapshot(self) -> dict[str, Any]:
         """Return every routed version's queued/in-flight/ready load (the metrics' source)."""
@@ -185,7 +196,7 @@ class Gateway:
             if scope["type"] == "http" and await self.handle(scope, receive, send):
                 return
             if fallback is None and scope["type"] == "http" and scope["path"] == LOAD_PATH:
-                await self._guard(self._load(scope, send), send)
+                await self._guard(self._queries.load(scope, send), send)
                 return
             if fallback is not None:
                 await fallback(scope, receive, send)
@@ -235,15 +246,15 @@ class Gateway:
                     await self._guard(self._invoke(scope, receive, send, org, rest[3], version_id), send)
                     return True
                 if count == 4 and rest[2] == "status":
-                    await self._guard(self._status(scope, receive, send, org, rest[3]), send)
+                    await self._guard(self._queries.status(scope, receive, send, org, rest[3]), send)
                     return True
             elif section == "queues":
                 if rest[2] == "functions" and (count == 4 or (count == 6 and rest[4] == "versions")):
                     version_id = rest[5] if count == 6 else None
-                    await self._guard(self._queues(scope, send, org, rest[3], version_id), send)
+                    await self._guard(self._queries.queues(scope, send, org, rest[3], version_id), send)
                     return True
                 if count == 4 and rest[3] == "position":
-                    await self._guard(self._position(scope, send, org, rest[2]), send)
+                    await self._guard(self._queries.position(scope, send, org, rest[2]), send)
                     return True
             return False
         return False
@@ -263,21 +274,6 @@ class Gateway:
 
     # --- shared checks ------------------------------------------------------------------------------
 
-    def _principal(self, authorization: bytes | None, scope_name: str, org: str | None) -> Principal:
-        principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
-        if principal is None:
-            detail = (
-                "Header of type `authorization` was missing"
-                if authorization is None
-                else "Unauthorized access"
-            )
-            raise _Refused(401, detail, [(b"www-authenticate", b"Bearer")])
-        if not principal.allows(scope_name):
-            raise _Refused(403, f"The key does not carry the '{scope_name}' scope")
-        if org is not None and org != principal.account and not principal.admin:
-            raise _Refused(403, f"The key does not belong to organization '{org}'")
-        return principal
-
     def _admit(self, version: VersionRoute, principal: Principal, invocation: Invocation) -> None:
         """Count the invocation against the version's rate limit; refuse it (429) when over."""
         limit = version.rate_limit
@@ -291,65 +287,6 @@ class Gateway:
                 f"retry after {retry} s",
                 [(b"retry-after", str(retry).encode())],
             )
-
-    def _poll_seconds(self, raw: bytes | None) -> int:
-        if raw is None:
-            return self.settings.default_poll_seconds
-        value = _small_int(raw.strip())
-        if value is None or value > self.settings.max_poll_seconds:
-            raise _Refused(
-                400,
-                "NVCF-POLL-SECONDS must be a whole number of seconds "
-                f"from 0 to {self.settings.max_poll_seconds}",
-            )
-        return value
-
-    @staticmethod
-    def _visible(version: VersionRoute, principal: Principal) -> bool:
-        return principal.admin or version.account_id == principal.account
-
-    def _select(self, principal: Principal, function_id: str, version_id: str | None) -> VersionRoute:
-        """Return the version to invoke: the pinned one, or a random invocable one of the function."""
-        if version_id is None:
-            siblings = self.routes.function_versions(function_id)
-            if len(siblings) == 1:
-                # The common case: one version, visible and invocable.
-                only = siblings[0]
-                if only.invocable and (only.account_id == principal.account or principal.admin):
-                    return only
-            candidates = [v for v in siblings if self._visible(v, principal)]
-            invocable = [v for v in candidates if v.invocable]
-            if len(invocable) == 1:
-                return invocable[0]
-            if invocable:
-                return random.choice(invocable)
-            if any(v.degraded for v in candidates):
-                raise _Refused(400, f"Function id '{function_id}': DEGRADED function cannot be invoked")
-            raise _Refused(
-                404,
-                f"Function id '{function_id}': Specified function in account "
-                f"'{principal.account}' is not found",
-            )
-        version = self.routes.get(version_id)
-        if version is None or version.function_id != function_id or not self._visible(version, principal):
-            raise _Refused(
-                404,
-                f"Function id '{function_id}' version '{version_id}': Specified function in account "
-                f"'{principal.account}' is not found",
-            )
-        if not version.invocable:
-            if version.degraded:
-                raise _Refused(
-                    400,
-                    f"Function id '{function_id}' version '{version_id}': "
-                    "DEGRADED function cannot be invoked",
-                )
-            raise _Refused(
-                404,
-                f"Function id '{function_id}' version '{version_id}': Specified function in account "
-                f"'{principal.account}' is not found (status {version.status})",
-            )
-        return version
 
     # --- invocation ---------------------------------------------------------------------------------
 
@@ -388,9 +325,9 @@ class Gateway:
             elif name == b"content-type":
                 has_content_type = True
             forwarded.extend((name, b": ", value, b"\r\n"))
-        principal = self._principal(authorization, INVOKE_SCOPE, org)
+        principal = self._access.principal(authorization, INVOKE_SCOPE, org)
         try:
-            version = self._select(principal, function_id, version_id)
+            version = self._access.select(principal, function_id, version_id)
         except _Refused:
             if self.misses is None:
                 raise
@@ -400,8 +337,8 @@ class Gateway:
                 await self.misses.resolve_function(function_id, arrived)
             else:
                 await self.misses.resolve_version(function_id, version_id, arrived)
-            version = self._select(principal, function_id, version_id)
-        poll = self._poll_seconds(poll_raw)
+            version = self._access.select(principal, function_id, version_id)
+        poll = self._access.poll_seconds(poll_raw)
         limit = self.settings.max_request_bytes
         if length_raw is not None:
             length = _small_int(length_raw)
@@ -571,133 +508,6 @@ class Gateway:
             log.info("Invocation %s left the queue: its client disconnected", invocation.id)
             waiter.wake(CLIENT_GONE)
 
-    # --- status and queues --------------------------------------------------------------------------
-
-    async def _status(
-        self, scope: Scope, receive: Receive, send: Send, org: str | None, request_id: str
-    ) -> None:
-        if scope["method"] != "GET":
-            raise _Refused(405, "Status polls are GET requests", [(b"allow", b"GET")])
-        headers = _headers(scope)
-        principal = self._principal(headers.get(b"authorization"), INVOKE_SCOPE, org)
-        poll = self._poll_seconds(headers.get(b"nvcf-poll-seconds"))
-        peer = self._peer(request_id, headers)
-        if peer is not None:
-            await forward_poll(
-                self._dispatcher.pool, self.settings.max_response_bytes, peer, scope, headers, poll, send
-            )
-            return
-        account = None if principal.admin else principal.account
-        result = self._dispatcher.results.take(request_id, account)
-        if result is not None:
-            await result.send(send)
-            return
-        invocation = self._dispatcher.pending.get(request_id)
-        plane = self._dispatcher.plane
-        if plane is not None and (invocation is None or invocation.instance is None):
-            # Not running here: the shared plane knows where it stands, whichever replica took it.
-            await durable_status(plane, request_id, account, poll, send)
-            return
-        if invocation is None or (account is not None and invocation.account != account):
-            raise _Refused(
-                404,
-                f"Request id '{request_id}' not found (unknown, expired or already returned)",
-                request_id=request_id,
-            )
-        await self._answer(invocation, poll, send, receive, invoking=False)
-
-    async def _position(self, scope: Scope, send: Send, org: str | None, request_id: str) -> None:
-        if scope["method"] != "GET":
-            raise _Refused(405, "Queue position is a GET request", [(b"allow", b"GET")])
-        headers = _headers(scope)
-        principal = self._principal(headers.get(b"authorization"), QUEUE_SCOPE, org)
-        peer = self._peer(request_id, headers)
-        if peer is not None:
-            await forward_poll(
-                self._dispatcher.pool, self.settings.max_response_bytes, peer, scope, headers, 0, send
-            )
-            return
-        invocation = self._dispatcher.pending.get(request_id)
-        plane = self._dispatcher.plane
-        if plane is not None and (invocation is None or invocation.durable):
-            record, place = await durable_position(
-                plane, request_id, None if principal.admin else principal.account
-            )
-            body = {
-                "functionId": record.function_id,
-                "functionVersionId": record.version_id,
-                "positionInQueue": place,
-            }
-            await send_json(send, 200, body)
-            return
-        position = None
-        if invocation is not None and (principal.admin or invocation.account == principal.account):
-            position = self._dispatcher.position(invocation)
-        if invocation is None or position is None:
-            detail = f"Request id '{request_id}' is not in pending or in progress state"
-            raise _Refused(404, detail, request_id=request_id)
-        await send_json(
-            send,
-            200,
-            {
-                "functionId": invocation.version.function_id,
-                "functionVersionId": invocation.version.version_id,
-                "positionInQueue": position,
-            },
-        )
-
-    async def _queues(
-        self, scope: Scope, send: Send, org: str | None, function_id: str, version_id: str | None
-    ) -> None:
-        if scope["method"] != "GET":
-            raise _Refused(405, "Queue details are GET requests", [(b"allow", b"GET")])
-        principal = self._principal(_headers(scope).get(b"authorization"), QUEUE_SCOPE, org)
-        versions = [
-            v
-            for v in self.routes.function_versions(function_id)
-            if self._visible(v, principal)
-            and (v.deployed or v.queue)
-            and (version_id is None or v.version_id == version_id)
-        ]
-        if not versions:
-            raise _Refused(404, "Queue not found - Function is likely not deployed")
-        plane = self._dispatcher.plane
-        shared = [await plane.queue_depth(v.version_id) if plane else 0 for v in versions]
-        await send_json(
-            send,
-            200,
-            {
-                "functionId": function_id,
-                "queues": [
-                    {
-                        "functionVersionId": v.version_id,
-                        "functionName": v.function_name,
-                        "functionStatus": v.status,
-                        "queueDepth": len(v.queue) + depth,
-                    }
-                    for v, depth in zip(versions, shared, strict=True)
-                ],
-            },
-        )
-
-    def _require_admin(self, scope: Scope, refusal: str) -> None:
-        """Refuse the request (401, or 403 with `refusal`) unless it carries an admin key."""
-        authorization = _headers(scope).get(b"authorization")
-        principal = self._authenticate(authorization.decode("latin-1") if authorization is not None else None)
-        if principal is None:
-            raise _Refused(401, "Unauthorized access", [(b"www-authenticate", b"Bearer")])
-        if not principal.admin:
-            raise _Refused(403, refusal)
-
-    async def _load(self, scope: Scope, send: Send) -> None:
-        if scope["method"] != "GET":
-            raise _Refused(405, "The load report is a GET request", [(b"allow", b"GET")])
-        self._require_admin(scope, "The load report needs an admin key")
-        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        since = query.get("since", [""])[0]
-        epoch = query.get("epoch", [None])[0]
-        await send_json(send, 200, self.load_report(int(since) if since.isdigit() else None, epoch))
-
     # --- route changes shared with the other replicas --------------------------------------------------
 
     async def publish_route(self, route: Mapping[str, Any]) -> None:
@@ -737,7 +547,7 @@ class Gateway:
         """Apply a route change sent by a peer replica (POST /internal/v1/routes, admin keys only)."""
         if scope["method"] != "POST":
             raise _Refused(405, "Route changes are POST requests", [(b"allow", b"POST")])
-        self._require_admin(scope, "Route changes need an admin key")
+        self._access.require_admin(scope, "Route changes need an admin key")
         body = await self._read_body(receive, self.settings.max_request_bytes)
         if body is None:
             return

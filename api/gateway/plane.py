@@ -38,8 +38,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from api.gateway.invocations import ERRORED, HeaderList, Invocation, Result
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 RECORDS_BUCKET = "gpufn_requests"
 REPLICAS_BUCKET = "gpufn_replicas"
 ROUTES_SUBJECT = "gpufn.routes"
+_STREAM_NAME_IN_USE = 10058
+"""JetStream's error code for a stream that exists with another configuration."""
 """Core NATS subject on which replicas tell each other of route changes."""
 
 QUEUED = "queued"
@@ -293,7 +295,7 @@ class Plane:
         """Create the version's work-queue stream when missing; return its name."""
         name = queue_stream(version_id)
         if name not in self._queues:
-            await self.js.add_stream(
+            config = StreamConfig(
                 name=name,
                 subjects=[queue_subject(version_id)],
                 retention=RetentionPolicy.WORK_QUEUE,
@@ -301,6 +303,14 @@ class Plane:
                 discard=DiscardPolicy.NEW,
                 storage=StorageType.FILE,
             )
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                # Created by a replica with another queue limit (settings changed since): this
+                # replica's settings apply from now on, to every replica (the limit is the stream's).
+                await self.js.update_stream(config)
             self._queues.add(name)
         return name
 

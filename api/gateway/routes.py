@@ -14,15 +14,12 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from api.gateway.rate_limit import RateLimit
 from api.gateway.upstream import Endpoint
 from gpufn.contracts import RouteEntry
 from workflows.models import INVOCABLE_STATUSES, FunctionStatus
-
-if TYPE_CHECKING:
-    from api.gateway.invocations import Invocation
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +30,17 @@ _DEGRADED = FunctionStatus.DEGRADED.value
 def header_value(value: object) -> bytes:
     """Return `value` as a header value, with any line break removed (header injection)."""
     return str(value).replace("\r", "").replace("\n", "").encode()
+
+
+class Queued(Protocol):
+    """What the table needs of a request in a version's queue (the dispatcher's `Invocation`).
+
+    The table only holds the queue for the dispatcher, which fills and drains it; naming the invocation
+    type here would make this module and `api.gateway.invocations` import each other.
+    """
+
+    deadline: float
+    """When the request gives up (event-loop clock)."""
 
 
 class Instance:
@@ -98,7 +106,7 @@ class VersionRoute:
         """Every instance listed by the route, plus unlisted ones still running requests."""
         self.active: list[Instance] = []
         """The instances new requests may go to: listed and not failed."""
-        self.queue: deque[Invocation] = deque()
+        self.queue: deque[Queued] = deque()
         """Requests waiting for a free slot, in arrival order."""
         self.in_flight = 0
         self.backlog = False

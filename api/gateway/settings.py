@@ -23,8 +23,11 @@ class GatewaySettings:
     """How long a finished result waits for its poll before it is dropped."""
     result_memory_bytes: int = 512 * MIB
     """Bound on the results waiting for their poll; beyond it the oldest are dropped first."""
-    max_queue_depth: int = 10_000
-    """Requests waiting per version (per replica) before new ones are refused with 429."""
+    max_queue_depth: int = 100_000
+    """Requests waiting per version before new ones are refused with 429 (NVCF's limit, reference 5.4).
+
+    With the invocation plane it bounds the version's shared queue, over all replicas; without it, each
+    replica's own queue."""
     max_request_bytes: int = 5 * MIB
     """Largest inline request body; larger bodies are refused with 413."""
     max_response_bytes: int = 5 * MIB
@@ -56,3 +59,9 @@ class GatewaySettings:
     """Bound on the durable 202 results one account keeps waiting for their poll (with `nats_url`)."""
     maintenance_interval_seconds: float = 1.0
     """How often expired results, timed-out queued requests and idle connections are swept."""
+    freeze_gc_at_start: bool = True
+    """Move what exists when the gateway starts out of the garbage collector's reach (`gc.freeze()`).
+
+    Start-up's objects (modules, classes, the app) live as long as the process, yet every full collection
+    walked them all: tens of milliseconds with the event loop stopped, every second or two under load,
+    which was the gateway's p99 (docs/performance.md, tail latency)."""

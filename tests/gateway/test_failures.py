@@ -70,6 +70,9 @@ async def test_instance_dying_after_the_request_was_sent_is_not_retried(
             gw.http.post(pexec(fid), json={"delaySeconds": 3}, headers={"NVCF-POLL-SECONDS": "10"})
         )
         await eventually(lambda: gw.load(vid)["instances"].get(f"{vid}-i1") == 1)
+        # Sent, not only assigned: a kill before the connection is made is a connect failure, which is
+        # retried (the test above); under load the connect can lag the slot by many milliseconds.
+        await eventually(lambda: len(gw.gateway.dispatcher._calls) == 1)
         dying.proc.kill()
 
         response = await call

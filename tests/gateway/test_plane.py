@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +304,89 @@ async def test_a_request_to_a_version_scaled_to_zero_waits_in_the_shared_queue_a
         )
         assert response.status_code == 200, (response.status_code, response.text)
         assert json.loads(response.json()["body"]) == {"cold": True}
+
+
+QUEUE_LIMIT = 4
+
+
+async def test_the_queue_limit_counts_every_replicas_requests_and_a_full_queue_answers_429(
+    plane_stack: Stack, nats_url: str, tmp_path: Path
+) -> None:
+    """NVCF 5.4: a version's queue holds at most the limit, over all replicas; then every replica answers 429.
+
+    The limit is set small (4) on two replicas started after the stack's own API made the version's queue
+    with the default limit: theirs applies from then on. One slot, taken by a request that runs for
+    seconds: the next requests wait in the shared queue, sent to the two replicas in turn. A limit kept
+    per replica would accept twice as many.
+    """
+    import nats
+
+    from api.gateway.plane import queue_stream
+
+    stack = plane_stack
+    function = await create(
+        stack,
+        echo_function("plane-queue-limit", containerEnvironment=[{"key": "ECHO_DELAY_MS", "value": "20000"}]),
+    )
+    deployed = await stack.http.post(deployment_path(function), json=cpu_spec(maxRequestConcurrency=1))
+    assert deployed.status_code == 200, deployed.text
+    await wait_status(stack, function, "ACTIVE", timeout=90)
+    version_id = function["versionId"]
+    connection = await nats.connect(nats_url)
+    js = connection.jetstream()
+
+    async def queue_limit() -> int | None:
+        try:
+            info = await js.stream_info(queue_stream(version_id))
+        except nats.js.errors.NotFoundError:
+            return None
+        limit: int | None = info.config.max_msgs
+        return limit
+
+    pair = (
+        Replica(stack, "api-a", REPLICA_PORTS[0], tmp_path / "api-a.log"),
+        Replica(stack, "api-b", REPLICA_PORTS[1], tmp_path / "api-b.log"),
+    )
+    invoke = f"/v2/nvcf/pexec/functions/{function['id']}"
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "NVCF-POLL-SECONDS": "0"}
+    try:
+        await eventually(lambda: queue_limit_is(queue_limit, 100_000), timeout=30)  # the stack API's default
+        for replica in pair:
+            replica.env["GPUFN_MAX_QUEUE_DEPTH"] = str(QUEUE_LIMIT)
+            replica.start()
+        async with httpx.AsyncClient(headers=headers, timeout=60) as http:
+            for replica in pair:
+                await replica.ready(http)
+            await eventually(lambda: queue_limit_is(queue_limit, QUEUE_LIMIT), timeout=30)
+            answers: list[tuple[int, httpx.Response]] = []
+            for index in range(2 * QUEUE_LIMIT + 2):
+                replica_index = index % 2
+                response = await http.post(pair[replica_index].url + invoke, json={"n": index})
+                assert response.status_code in (202, 429), response.text
+                answers.append((replica_index, response))
+            accepted = [response for _, response in answers if response.status_code == 202]
+            refused = [(index, response) for index, response in answers if response.status_code == 429]
+            print(f"\naccepted {len(accepted)}, refused {len(refused)} (limit {QUEUE_LIMIT}, one slot)")
+            # The limit, plus the one request that holds the slot when it did not wait in the queue.
+            assert QUEUE_LIMIT <= len(accepted) <= QUEUE_LIMIT + 1
+            assert {index for index, _ in refused} == {0, 1}  # both replicas refuse: the limit is shared
+            for _, response in refused:
+                assert response.headers["content-type"] == "application/problem+json"
+                problem = response.json()
+                assert problem["status"] == 429
+                assert f"({QUEUE_LIMIT} requests waiting)" in problem["detail"]
+            # Refused requests were not queued: the shared queue holds what was accepted to wait.
+            queue = await http.get(pair[0].url + f"/v2/nvcf/queues/functions/{function['id']}")
+            assert queue.status_code == 200, queue.text
+            assert queue.json()["queues"][0]["queueDepth"] == QUEUE_LIMIT
+    finally:
+        await connection.close()
+        for replica in pair:
+            replica.stop()
+        undeployed = await stack.http.delete(deployment_path(function))
+        assert undeployed.status_code in (200, 204), undeployed.text
+
+
+async def queue_limit_is(read: Callable[[], Awaitable[int | None]], expected: int) -> bool:
+    """Return whether the version's queue stream exists with `expected` as its limit."""
+    return await read() == expected

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -139,7 +140,9 @@ def ensure_gpufn_image() -> tuple[Path, str]:
     tag = gpufn_image_tag()
     layout = gpufn_image_cache_dir() / "oci"
     if tag not in layout_tags(layout):
-        done = subprocess.run(["bash", str(GPUFN_IMAGE_BUILD_SCRIPT), tag], check=False)
+        # The running Python (the test venv's) downloads the wheels, unless GPUFN_KUBE_PYTHON says otherwise.
+        env = {**os.environ, "GPUFN_KUBE_PYTHON": os.environ.get("GPUFN_KUBE_PYTHON", sys.executable)}
+        done = subprocess.run(["bash", str(GPUFN_IMAGE_BUILD_SCRIPT), tag], env=env, check=False)
         if done.returncode != 0 or tag not in layout_tags(layout):
             raise ImageError(f"{GPUFN_IMAGE_BUILD_SCRIPT} failed (exit {done.returncode})")
     return layout, tag

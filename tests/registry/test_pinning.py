@@ -49,6 +49,10 @@ async def pinned_stack(
         tmp_path_factory.mktemp("pinned-home"),
         kubeconfigs=[Path(real_cluster.kubeconfig_path)],
         instance_start_timeout=15.0,
+        # An account (so a function namespace) of its own on the session's shared cluster: the account
+        # namespace's NetworkPolicy is made once, with the first stack's gateway settings, and
+        # tests/kubernetes/test_isolation.py checks its own.
+        admin_account="registry-pinning",
         **settings,
     ) as stack:
         with real_cluster.api_client() as kube:

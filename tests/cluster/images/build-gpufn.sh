@@ -10,8 +10,9 @@
 # configuration: the local mirror here) with the running Python (3.11, as Debian bookworm's), mounted into
 # the build at /wheels: the build itself needs no network but Debian's mirror (apt-get install python3).
 #
-# Layout: ${GPUFN_IMAGE_CACHE:-$HOME/.cache/gpufn/images-r1}/../gpufn-image-r1/oci.
-# Knobs: GPUFN_KUBE_PYTHON (the Python whose pip downloads the wheels, default python3).
+# Layout: ${GPUFN_GPUFN_IMAGE_CACHE:-$HOME/.cache/gpufn/gpufn-image-r1}/oci; wheels next to it.
+# Knobs: GPUFN_KUBE_PYTHON (the Python whose pip downloads the wheels, default python3; images.py passes
+# the test's own), GPUFN_GPUFN_IMAGE_CACHE (cache directory).
 set -euo pipefail
 
 TAG="$1"

@@ -225,6 +225,8 @@ def _build_gateway(settings: Settings, key_cache: KeyCache, route_source: Tempor
             replica_id=replica_id,
             peers=peers,
             peer_key=settings.resolved_admin_key(),
+            nats_url=settings.nats_url,
+            result_retention_bytes_per_account=settings.result_retention_bytes_per_account,
         ),
     )
 

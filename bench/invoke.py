@@ -20,6 +20,13 @@ Scenarios (the targets come from the issue):
 (b) a 20 ms function, maxRequestConcurrency 32, 32 clients: throughput against direct (target >= 90 %);
 (c) echo, 32 clients, where the gateway is the limit: requests/s (target >= 3,000).
 
+With `--nats` the gateways join the invocation plane (a nats-server with JetStream started for the run,
+slots leased from it), and two more scenarios run:
+
+(d) the durable 202 path: the 20 ms function, 32 clients, `NVCF-POLL-SECONDS: 0`, so every request is
+    recorded in JetStream and answered 202 (its result is persisted there): accepted requests/s, p50;
+(e) echo, 32 clients split 16/16 over two gateway replicas sharing the plane: total requests/s.
+
 Every round measures direct then gateway for each scenario; the table shows the median over rounds.
 """
 
@@ -34,6 +41,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -80,7 +88,7 @@ class _Client(asyncio.Protocol):
         self.parser.feed_data(data)
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() != 200:
+        if self.parser.get_status_code() not in (200, 202):  # 202: the durable path (d)
             self.errors += 1
         else:
             self.latencies.append(time.perf_counter_ns() - self.sent_at)
@@ -92,10 +100,10 @@ class _Client(asyncio.Protocol):
 
 
 async def _load(
-    host: str, port: int, path: str, concurrency: int, duration: float, warmup: float
+    host: str, port: int, path: str, concurrency: int, duration: float, warmup: float, extra: str = ""
 ) -> dict[str, Any]:
     request = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{extra}"
         f"Authorization: Bearer {KEY}\r\nContent-Length: {len(BODY)}\r\n\r\n"
     ).encode() + BODY
     loop = asyncio.get_running_loop()
@@ -129,7 +137,10 @@ async def _load(
 def load_main(args: argparse.Namespace) -> None:
     import uvloop
 
-    result = uvloop.run(_load(args.host, args.port, args.path, args.concurrency, args.duration, args.warmup))
+    extra = "".join(f"{line}\r\n" for line in args.header)
+    result = uvloop.run(
+        _load(args.host, args.port, args.path, args.concurrency, args.duration, args.warmup, extra)
+    )
     print(json.dumps(result))
 
 
@@ -150,7 +161,9 @@ def serve_main(args: argparse.Namespace) -> None:
         # Stand-in for the key store (which lives in Temporal): one fixed key.
         return principal if header == f"Bearer {KEY}" else None
 
-    gateway = Gateway(authenticate, GatewaySettings(replica_id="bench"))
+    gateway = Gateway(
+        authenticate, GatewaySettings(replica_id=f"bench-{args.port}", nats_url=args.nats_url or None)
+    )
     for route in json.loads(args.routes):
         gateway.routes.apply(route)
     config = uvicorn.Config(
@@ -217,25 +230,55 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _load_command(port: int, path: str, concurrency: int, duration: float, headers: list[str]) -> list[str]:
+    command = [
+        sys.executable,
+        __file__,
+        "load",
+        "--port",
+        str(port),
+        "--path",
+        path,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+    ]
+    for header in headers:
+        command += ["--header", header]
+    return command
+
+
+def _run_split_load(ports: list[int], path: str, concurrency: int, duration: float) -> dict[str, Any]:
+    """Run one load generator per gateway replica at once, `concurrency` split evenly; sum their figures."""
+    share = concurrency // len(ports)
+    procs = [
+        subprocess.Popen(_load_command(port, path, share, duration, []), stdout=subprocess.PIPE, text=True)
+        for port in ports
+    ]
+    parts = [json.loads(proc.communicate()[0]) for proc in procs]
+    return {
+        "requests": sum(p["requests"] for p in parts),
+        "warmup_requests": sum(p["warmup_requests"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "rps": sum(p["rps"] for p in parts),
+        "p50_ms": max(p["p50_ms"] for p in parts),
+        "p99_ms": max(p["p99_ms"] for p in parts),
+    }
+
+
 def _run_load(
-    port: int, path: str, concurrency: int, duration: float, server_pid: int | None = None
+    port: int,
+    path: str,
+    concurrency: int,
+    duration: float,
+    server_pid: int | None = None,
+    headers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the load generator once; with `server_pid`, also measure that server's CPU per request."""
     cpu_before = _cpu_seconds(server_pid) if server_pid else None
     out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "load",
-            "--port",
-            str(port),
-            "--path",
-            path,
-            "--concurrency",
-            str(concurrency),
-            "--duration",
-            str(duration),
-        ],
+        _load_command(port, path, concurrency, duration, headers or []),
         check=True,
         capture_output=True,
         text=True,
@@ -280,19 +323,23 @@ def main_bench(args: argparse.Namespace) -> int:
             )
         )
         routes = [_route("echo", echo_port, 64), _route("slow", slow_port, 32)]
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "serve",
-                    "--port",
-                    str(gateway_port),
-                    "--routes",
-                    json.dumps(routes),
-                ]
-            )
-        )
+        nats_url = ""
+        if args.nats:
+            from gpufn.stack import nats_command
+
+            nats_port = _free_port()
+            store = Path(tempfile.mkdtemp(prefix="bench-nats-"))
+            command = nats_command(store, nats_port, 8 * 1024 * 1024)
+            procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            nats_url = f"nats://127.0.0.1:{nats_port}"
+            time.sleep(1.0)
+        serve = [sys.executable, __file__, "serve", "--routes", json.dumps(routes), "--nats-url", nats_url]
+        procs.append(subprocess.Popen([*serve, "--port", str(gateway_port)]))
+        gateway_pid = procs[-1].pid
+        second_port = _free_port()
+        if args.nats:
+            procs.append(subprocess.Popen([*serve, "--port", str(second_port)]))
+            _wait_http(f"http://127.0.0.1:{second_port}/v2/nvcf/queues/functions/fn-echo")
         _wait_http(f"http://127.0.0.1:{echo_port}/health")
         _wait_http(f"http://127.0.0.1:{slow_port}/health")
         _wait_http(f"http://127.0.0.1:{gateway_port}/v2/nvcf/queues/functions/fn-echo")
@@ -303,8 +350,10 @@ def main_bench(args: argparse.Namespace) -> int:
                 "a": ("echo", echo_port, 1),
                 "b": ("slow", slow_port, 32),
                 "c": ("echo", echo_port, 32),
+                "d": ("slow", slow_port, 32),
+                "e": ("echo", echo_port, 32),
             }.items()
-            if name in args.scenarios
+            if name in args.scenarios and (name in "abc" or args.nats)
         }
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
             k: {"direct": [], "gateway": []} for k in scenarios
@@ -312,13 +361,20 @@ def main_bench(args: argparse.Namespace) -> int:
         for round_no in range(args.rounds):
             for name, (version, port, concurrency) in scenarios.items():
                 direct = _run_load(port, "/echo", concurrency, args.duration)
-                gateway = _run_load(
-                    gateway_port,
-                    f"/v2/nvcf/pexec/functions/fn-{version}",
-                    concurrency,
-                    args.duration,
-                    server_pid=procs[2].pid,
-                )
+                path = f"/v2/nvcf/pexec/functions/fn-{version}"
+                if name == "e":
+                    gateway = _run_split_load([gateway_port, second_port], path, concurrency, args.duration)
+                else:
+                    gateway = _run_load(
+                        gateway_port,
+                        path,
+                        concurrency,
+                        args.duration,
+                        server_pid=gateway_pid,
+                        headers=["NVCF-POLL-SECONDS: 0"] if name == "d" else None,
+                    )
+                if not gateway["requests"]:
+                    raise SystemExit(f"scenario {name}: no request was answered by the gateway: {gateway}")
                 runs[name]["direct"].append(direct)
                 runs[name]["gateway"].append(gateway)
                 print(
@@ -330,7 +386,7 @@ def main_bench(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     finally:
-        for proc in procs:
+        for proc in reversed(procs):  # gateways before NATS
             proc.terminate()
         for proc in procs:
             try:
@@ -388,6 +444,28 @@ def main_bench(args: argparse.Namespace) -> int:
                 rps_c >= 3000,
             )
         )
+    if "d" in runs:
+        rows.append(
+            (
+                "(d) 202 path, 32 clients",
+                f"gateway {med('d', 'gateway', 'rps'):.0f} accepted req/s (p50 "
+                f"{med('d', 'gateway', 'p50_ms'):.2f} / p99 {med('d', 'gateway', 'p99_ms'):.2f} ms); "
+                f"direct {med('d', 'direct', 'rps'):.0f} req/s",
+                "(measured)",
+                True,
+            )
+        )
+    if "e" in runs:
+        rows.append(
+            (
+                "(e) echo, 2 replicas",
+                f"gateways {med('e', 'gateway', 'rps'):.0f} req/s (p50 {med('e', 'gateway', 'p50_ms'):.2f}"
+                f" / p99 {med('e', 'gateway', 'p99_ms'):.2f} ms); "
+                f"direct {med('e', 'direct', 'rps'):.0f} req/s",
+                "(measured)",
+                True,
+            )
+        )
     print()
     print(f"Machine: {_machine()}; load average before {load_before}, after {_load_average()}")
     print(f"{args.rounds} rounds of {args.duration:.0f} s per measurement, medians; errors: {errors}")
@@ -411,16 +489,19 @@ def main() -> int:
     load.add_argument("--concurrency", type=int, default=1)
     load.add_argument("--duration", type=float, default=5.0)
     load.add_argument("--warmup", type=float, default=1.0)
+    load.add_argument("--header", action="append", default=[], help="extra request header line")
     serve = sub.add_parser("serve", help="(internal) serve the gateway with the given routes")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--routes", required=True)
+    serve.add_argument("--nats-url", default="")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--json", help="also write every run's figures to this file")
     parser.add_argument(
-        "--scenarios", default="abc", help="which of the scenarios a, b, c to run (default: all)"
+        "--scenarios", default="abcde", help="which of the scenarios a-e to run (d, e need --nats)"
     )
+    parser.add_argument("--nats", action="store_true", help="gateways on the NATS invocation plane")
     args = parser.parse_args()
     if args.command == "load":
         load_main(args)

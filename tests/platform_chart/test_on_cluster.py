@@ -1,10 +1,11 @@
 """gpufn on Kubernetes, end to end: its image (built from deploy/Dockerfile) installed with its chart on the
 test cluster's real node, serving, scaling and removing a function the in-cluster gpufn deploys into the same
-cluster, with the ServiceAccount and RBAC the chart creates.
+cluster, with the ServiceAccount and RBAC the chart creates; Temporal is the session's dev server and the
+invocation plane the session's NATS server (``nats.url``), both outside the chart as in production.
 
 What differs from a user's cluster, and why (docs/kubernetes.md describes the user's steps):
-- no cluster DNS or kube-proxy here: the pods reach the API server, the Temporal dev server and the API
-  replica through relays on the node IP (``TestCluster.relay``), and the test reaches the API pod by its IP;
+- no cluster DNS or kube-proxy here: the pods reach the API server, Temporal, NATS and the API replica
+  through relays on the node IP (``TestCluster.relay``), and the test reaches the API pod by its IP;
 - the registry listens on the host's loopback, which the node's containerd reaches but a pod does not: the
   worker cannot resolve image digests there, so artifact resolution is off (tests/registry covers it).
 """
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from kubernetes import client
 
+from api.gateway.plane import queue_stream
 from gpufn.kube_inventory import read_json
 from tests.cluster.harness import TestCluster
 from tests.cluster.images import ensure_gpufn_image, push
@@ -85,10 +88,13 @@ def diagnostics(cluster: TestCluster, namespace: str) -> str:
     return "\n".join(parts)
 
 
-def chart_values(cluster: TestCluster, namespace: str, image: str, temporal_address: str) -> dict[str, Any]:
+def chart_values(
+    cluster: TestCluster, namespace: str, image: str, temporal_address: str, nats_url: str
+) -> dict[str, Any]:
     """The chart's values for the test cluster: the user's minimum plus this cluster's addresses."""
     repository, tag = image.rsplit(":", 1)
     temporal_port = int(temporal_address.rsplit(":", 1)[1])
+    nats_port = int(nats_url.rsplit(":", 1)[1])
 
     def api_pod() -> tuple[str, int]:
         # Resolved per connection: the API pod's IP is known only once it runs (and changes if it restarts).
@@ -104,6 +110,8 @@ def chart_values(cluster: TestCluster, namespace: str, image: str, temporal_addr
             "address": cluster.relay(lambda: ("127.0.0.1", temporal_port)),
             "taskQueue": f"chart-{uuid.uuid4().hex[:8]}",
         },
+        # The invocation plane: the session's NATS server (JetStream), as the chart's nats.url.
+        "nats": {"url": f"nats://{cluster.relay(lambda: ('127.0.0.1', nats_port))}"},
         "secrets": {"adminKey": ADMIN_KEY, "secretKey": SECRET_KEY},
         "inCluster": {"enabled": True, "clusterName": CLUSTER_GROUP, "server": cluster.pod_api_url()},
         "config": {
@@ -126,10 +134,16 @@ def chart_values(cluster: TestCluster, namespace: str, image: str, temporal_addr
 
 
 async def test_chart_installs_gpufn_that_deploys_scales_and_removes_a_function(
-    real_cluster: TestCluster, gpufn_image: str, temporal_address: str, namespace: str, tmp_path: Path
+    real_cluster: TestCluster,
+    gpufn_image: str,
+    temporal_address: str,
+    nats_url: str,
+    namespace: str,
+    tmp_path: Path,
 ) -> None:
     helm = Helm(real_cluster.helm_path, real_cluster.helm_env())
-    values_file = write_values(tmp_path, chart_values(real_cluster, namespace, gpufn_image, temporal_address))
+    values = chart_values(real_cluster, namespace, gpufn_image, temporal_address, nats_url)
+    values_file = write_values(tmp_path, values)
     release_selector = f"app.kubernetes.io/instance={RELEASE}"
     version_selector = ""
     try:
@@ -183,6 +197,23 @@ async def test_chart_installs_gpufn_that_deploys_scales_and_removes_a_function(
             assert answer.status_code == 200, answer.text
             assert answer.json() == {"hello": "chart"}
 
+            # The durable path: accepted at once (202), queued on NATS JetStream, its result polled.
+            accepted = await http.post(
+                f"/v2/nvcf/pexec/functions/{function['id']}",
+                json={"later": 1},
+                headers={"NVCF-POLL-SECONDS": "0"},
+            )
+            assert accepted.status_code == 202, accepted.text
+            status = f"/v2/nvcf/pexec/status/{accepted.headers['nvcf-reqid']}"
+
+            async def result() -> dict[str, Any] | None:
+                polled = await http.get(status, headers={"NVCF-POLL-SECONDS": "2"})
+                assert polled.status_code in (200, 202), polled.text
+                return polled.json() if polled.status_code == 200 else None
+
+            assert await eventually(result, timeout=30) == {"later": 1}
+            assert queue_stream(function["versionId"]) in await jetstream_streams(nats_url)
+
             # Scale: a higher minimum is a second real pod, both serving.
             scaled = await http.put(path, json=gpu_spec(CLUSTER_GROUP, 1, 2, 2))
             assert scaled.status_code == 200, scaled.text
@@ -229,3 +260,12 @@ async def test_chart_installs_gpufn_that_deploys_scales_and_removes_a_function(
 
 async def _empty(items: list[dict[str, Any]]) -> bool:
     return not items
+
+
+async def jetstream_streams(url: str) -> set[str]:
+    """The names of the JetStream streams on the NATS server at ``url``."""
+    connection = await nats.connect(url)
+    try:
+        return {info.config.name or "" for info in await connection.jetstream().streams_info()}
+    finally:
+        await connection.close()

@@ -31,7 +31,7 @@ from typing import Any
 
 from kubernetes import client
 
-from tests.cluster.fake_kubelet import get_json
+from gpufn.kube_inventory import read_json as get_json
 from tests.cluster.harness import TestCluster, ensure_binaries
 from tests.cluster.images import ensure_images
 from tests.cluster.node import RealNodeConfig

@@ -1,3 +1,3 @@
-from .fixtures import kube_cluster, kube_namespace, real_cluster
+from .fixtures import kube_namespace, real_cluster
 
-__all__ = ["kube_cluster", "kube_namespace", "real_cluster"]
+__all__ = ["kube_namespace", "real_cluster"]

@@ -2,7 +2,7 @@
 
 Import them into a test module or a ``conftest.py``::
 
-    from tests.cluster.fixtures import kube_cluster, kube_namespace  # noqa: F401
+    from tests.cluster.fixtures import real_cluster, kube_namespace  # noqa: F401
 
 Tests using them should carry ``@pytest.mark.kubernetes``. Set ``GPUFN_KUBE_TESTS=0`` to skip them instead
 of building and booting the cluster.
@@ -41,54 +41,38 @@ def wait_for(fn: Callable[[], T | None], timeout: float, what: str) -> T:
 REAL_NODE = RealNodeConfig(name="gpu-node-1", gpus=8)
 """The real cluster's only node: containerd + kubelet, 8 H100s advertised."""
 
-# One cluster of each kind per test process, shared by every place that imports the fixtures. Pytest makes a
-# separate session fixture of each module or conftest that imports one; without this they would each boot a
-# cluster. The last user to tear down stops it.
-_shared: dict[str, TestCluster] = {}
-_users: dict[str, int] = {}
-
-
-def _session_cluster(kind: str) -> Iterator[TestCluster]:
-    """Yield the session's cluster of ``kind`` ("fake" or "real"), booting it for its first user."""
-    if os.environ.get("GPUFN_KUBE_TESTS") == "0":
-        pytest.skip("GPUFN_KUBE_TESTS=0")
-    if kind not in _shared:
-        ensure_binaries()
-        if kind == "real":
-            ensure_images()
-            _shared[kind] = TestCluster(real_node=REAL_NODE).start()
-        else:
-            _shared[kind] = TestCluster().start()
-    _users[kind] = _users.get(kind, 0) + 1
-    try:
-        yield _shared[kind]
-    finally:
-        _users[kind] -= 1
-        if _users[kind] == 0:
-            _shared.pop(kind).stop()
-
-
-@pytest.fixture(scope="session")
-def kube_cluster() -> Iterator[TestCluster]:
-    """The cluster with fake nodes (pods are local processes), for the whole session.
-
-    Still used by tests/registry and tests/platform_chart; the backend tests run on ``real_cluster``.
-    """
-    yield from _session_cluster("fake")
+# One cluster per test process, shared by every place that imports the fixture. Pytest makes a separate
+# session fixture of each module or conftest that imports one; without this they would each boot a cluster.
+# The last user to tear down stops it.
+_shared: list[TestCluster] = []
+_users = 0
 
 
 @pytest.fixture(scope="session")
 def real_cluster() -> Iterator[TestCluster]:
     """The cluster whose only node is real (``REAL_NODE``), for the whole session: pods run images from its
     registry (``real_cluster.image("echo:1")``). Builds the binaries and images first if they are missing."""
-    yield from _session_cluster("real")
+    global _users
+    if os.environ.get("GPUFN_KUBE_TESTS") == "0":
+        pytest.skip("GPUFN_KUBE_TESTS=0")
+    if not _shared:
+        ensure_binaries()
+        ensure_images()
+        _shared.append(TestCluster(real_node=REAL_NODE).start())
+    _users += 1
+    try:
+        yield _shared[0]
+    finally:
+        _users -= 1
+        if _users == 0:
+            _shared.pop().stop()
 
 
 @pytest.fixture
-def kube_namespace(kube_cluster: TestCluster) -> Iterator[str]:
+def kube_namespace(real_cluster: TestCluster) -> Iterator[str]:
     """A fresh namespace, ready for pods; deleted (without waiting) after the test."""
     name = f"t-{uuid.uuid4().hex[:8]}"
-    kube_cluster.create_namespace(name)
+    real_cluster.create_namespace(name)
     yield name
-    with kube_cluster.api_client() as api_client:
+    with real_cluster.api_client() as api_client:
         client.CoreV1Api(api_client).delete_namespace(name)

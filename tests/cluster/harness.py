@@ -1,13 +1,9 @@
-"""A throw-away Kubernetes 1.20 cluster on loopback: etcd, the control plane, and fake or real nodes.
+"""A throw-away Kubernetes 1.20 cluster on loopback: etcd, the control plane, and a real node.
 
 ``TestCluster`` boots etcd, kube-apiserver, kube-controller-manager and kube-scheduler from the binaries that
-``build.sh`` caches, plus either or both of:
-
-- ``fake_kubelet.py``, which registers fake GPU nodes and runs scheduled pods' first container as a local
-  process (the default);
-- a real node (``real_node=RealNodeConfig()``, see ``node.py``): containerd and a kubelet running real
-  containers, pulling images from a local registry (``docker-registry`` on loopback) that the cluster
-  starts and fills with images built on this machine (``images.py``).
+``build.sh`` caches, and a real node (``RealNodeConfig``, see ``node.py``): containerd and a kubelet running
+real containers, pulling images from a local registry (``docker-registry`` on loopback) that the cluster
+starts and fills with images built on this machine (``images.py``).
 
 Every port is picked free at start, every file lives in one temporary directory, and ``stop()`` kills every
 process the cluster started (pods included), removes the real node's cgroups and bridge and the directory.
@@ -27,9 +23,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -41,23 +37,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from kubernetes import client
 
+from gpufn.kube_inventory import read_json
 from tests.registry.servers import RegistryServer
 
 from .device_plugin import FakeGpuDevicePlugin
-from .fake_kubelet import DEFAULT_NODES, NodeConfig, dump_config, get_json
 from .images import PAUSE_TAG, ensure_images, push, write_pause_layout
-from .node import RealNode, RealNodeConfig, reap_stale_nodes
+from .node import RealNode, RealNodeConfig, pick_subnet, reap_stale_nodes
+from .relay import Target, TcpRelay
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
-FAKE_KUBELET = HERE / "fake_kubelet.py"
 REQUIRED_BINARIES = (
     "etcd",
     "kube-apiserver",
@@ -128,14 +124,11 @@ def _free_ports(count: int) -> list[int]:
 
 
 class TestCluster:
-    """A local Kubernetes 1.20 cluster with fake and/or real GPU nodes; a context manager.
+    """A local Kubernetes 1.20 cluster with one real GPU node; a context manager.
 
     Args:
-        nodes: Nodes the fake kubelet registers; default two nodes with 8 H100 each, none when
-            ``real_node`` is given. No fake kubelet runs when empty.
-        real_node: Also run a real node (containerd + kubelet) and a local registry; see ``node.py``.
-        kubelet_settings: Overrides of ``fake_kubelet.KubeletSettings`` fields (e.g. ``{"backoff_max": 2}``);
-            unset fields come from the ``FAKE_KUBELET_*`` environment variables.
+        real_node: What the real node (containerd + kubelet, with a local registry) advertises; default
+            ``RealNodeConfig()``. See ``node.py``.
         bin_dir: Directory of the binaries; default the ``build.sh`` cache.
         keep: Keep the state directory after ``stop()`` for post-mortems; default from ``GPUFN_KUBE_KEEP=1``.
         boot_timeout: Seconds allowed for the whole boot.
@@ -148,8 +141,8 @@ class TestCluster:
         token: Static bearer token of an admin in ``system:masters``.
         ca_cert_path: Certificate of the API server (self-signed; also the cluster's root CA).
         helm_path: The helm v3 binary.
-        registry_host: ``127.0.0.1:<port>`` of the local registry (real node only).
-        node: The real node, when there is one.
+        registry_host: ``127.0.0.1:<port>`` of the local registry.
+        node: The real node, once started.
     """
 
     # Keep pytest from collecting this class when a test module imports it.
@@ -157,24 +150,18 @@ class TestCluster:
 
     def __init__(
         self,
-        nodes: Sequence[NodeConfig] | None = None,
         *,
         real_node: RealNodeConfig | None = None,
-        kubelet_settings: dict[str, Any] | None = None,
         bin_dir: Path | None = None,
         keep: bool | None = None,
         boot_timeout: float = 90.0,
     ) -> None:
-        self.real_node = real_node
-        if nodes is None:
-            nodes = DEFAULT_NODES if real_node is None else ()
-        self.nodes = list(nodes)
+        self.real_node = real_node or RealNodeConfig()
         self.node: RealNode | None = None
         self.device_plugin: FakeGpuDevicePlugin | None = None
         self.registry: RegistryServer | None = None
         self.registry_host = ""
         self._pushed: set[str] = set()
-        self.kubelet_settings = dict(kubelet_settings or {})
         self.bin_dir = bin_dir or cache_dir() / "bin"
         self.keep = keep if keep is not None else os.environ.get("GPUFN_KUBE_KEEP") == "1"
         self.boot_timeout = boot_timeout
@@ -184,13 +171,15 @@ class TestCluster:
         self.api_url = ""
         self.token = secrets.token_hex(16)
         self.helm_path = self.bin_dir / "helm"
-        self.kubelet_state_dir = Path()
         self.boot_seconds = 0.0
         # (what was waited for, seconds since start) for each boot milestone: shows where a slow boot went.
         self.boot_phases: list[tuple[str, float]] = []
         self._t0 = 0.0
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._started = False
+        self._subnet: ipaddress.IPv4Network | None = None
+        self._relays: list[TcpRelay] = []
+        self._pod_api_url = ""
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -218,9 +207,8 @@ class TestCluster:
         if missing:
             raise ClusterError(f"missing {', '.join(missing)} in {self.bin_dir}: run bash {BUILD_SCRIPT}")
         t0 = self._t0 = time.monotonic()
-        if self.real_node is not None:
-            # Real nodes of test processes that were killed before they could clean up.
-            reap_stale_nodes()
+        # Real nodes of test processes that were killed before they could clean up.
+        reap_stale_nodes()
         self.workdir = Path(tempfile.mkdtemp(prefix="gpufn-kube-"))
         self._started = True
         # Whatever happens to the test process, do not leave a control plane (or pod processes) behind.
@@ -240,6 +228,11 @@ class TestCluster:
         pki.mkdir()
 
         etcd_port, peer_port, api_port = _free_ports(3)
+        # The real node's pod network is chosen now: its node IP is in the API server's certificate, so pods
+        # can verify it when they reach it through ``pod_api_url``.
+        self._subnet = pick_subnet()
+        names = "IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc"
+        names += f",IP:{self._subnet.network_address + 1}"
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         self._spawn(
@@ -267,7 +260,7 @@ class TestCluster:
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
             "-keyout", str(pki / "tls.key"), "-out", str(pki / "tls.crt"),
             "-subj", "/CN=gpufn-test-cluster",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc",
+            "-addext", f"subjectAltName={names}",
         )  # fmt: skip
         self.ca_cert_path = pki / "tls.crt"
         (pki / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
@@ -303,11 +296,8 @@ class TestCluster:
                 "--profiling=false",
             ],
         )
-        # The kubelets start while the API server does; they retry until it answers.
-        if self.nodes:
-            self._spawn_fake_kubelet()
-        if self.real_node is not None:
-            self._start_real_node(self.real_node)
+        # The kubelet starts while the API server does; it retries until it answers.
+        self._start_real_node(self.real_node)
 
         # The controller-manager and scheduler wait (a bounded time) for the API server's health themselves:
         # starting them once it serves HTTPS, rather than once it is ready, overlaps their start-up with its
@@ -323,31 +313,6 @@ class TestCluster:
             self._wait(
                 lambda: self._sa_token_ready(api, "default"), deadline, "the default service account token"
             )
-
-    def _spawn_fake_kubelet(self) -> None:
-        """Start ``fake_kubelet.py`` for ``self.nodes`` (its Python start-up overlaps the API server's)."""
-        wd = self.workdir
-        kubelet_config = wd / "fake-kubelet.json"
-        kubelet_config.write_text(dump_config(self.nodes, self.kubelet_settings))
-        kubelet_env = dict(os.environ)
-        # A random /16 of loopback per cluster, so two clusters on one machine never share pod IPs.
-        kubelet_env.setdefault("FAKE_KUBELET_IP_PREFIX", f"127.{random.randint(16, 250)}")
-        self.kubelet_state_dir = wd / "kubelet"
-        self._spawn(
-            "fake-kubelet",
-            [
-                sys.executable,
-                "-u",
-                str(FAKE_KUBELET),
-                f"--kubeconfig={self.kubeconfig_path}",
-                f"--state-dir={self.kubelet_state_dir}",
-                f"--config={kubelet_config}",
-                # If this process dies without stop() (SIGKILL), the kubelet tears the cluster down.
-                f"--parent-pid={os.getpid()}",
-                f"--cluster-dir={wd}",
-            ],
-            env=kubelet_env,
-        )
 
     def _start_real_node(self, config: RealNodeConfig) -> None:
         """Start the local registry (with the sandbox image in it), containerd and the kubelet."""
@@ -366,6 +331,7 @@ class TestCluster:
             sandbox_image=sandbox_image,
             config=config,
             spawn=self._spawn,
+            subnet=self._subnet,
         )
         kubelet_port, healthz_port, stream_port = _free_ports(3)
         self.node.start((kubelet_port, healthz_port, stream_port))
@@ -439,7 +405,7 @@ class TestCluster:
             str(self.bin_dir / "kube-controller-manager"),
             f"--kubeconfig={self.kubeconfig_path}",
             "--leader-elect=false",
-            # Fake nodes send no heartbeats the node lifecycle controller would accept: keep it off.
+            # Off: the harness lifts the not-ready taint itself (see _adopt_real_node).
             "--controllers=*,-nodelifecycle",
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'tls.crt'}",
@@ -472,6 +438,9 @@ class TestCluster:
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         node_error: Exception | None = None
+        for relay in self._relays:
+            relay.stop()
+        self._relays.clear()
         if self.device_plugin is not None:
             self.device_plugin.stop()
             self.device_plugin = None
@@ -482,20 +451,8 @@ class TestCluster:
                 node_error = exc
         if self.registry is not None:
             self.registry.stop()
-        procs = dict(self._procs)
-        kubelet = procs.pop("fake-kubelet", None)
-        if kubelet is not None:
-            # SIGTERM lets the kubelet stop its pods' process groups itself.
-            _stop_group(kubelet, timeout=8)
-        # Belt and braces: any pod process group the kubelet left (e.g. it was SIGKILLed) goes too.
-        pid_dir = self.workdir / "kubelet" / "pids"
-        if pid_dir.is_dir():
-            for pidfile in pid_dir.glob("*.pid"):
-                with contextlib.suppress(ValueError, OSError):
-                    os.killpg(int(pidfile.read_text().strip()), signal.SIGKILL)
         for _name, proc in reversed(self._procs):
-            if proc is not kubelet:
-                _stop_group(proc, timeout=5)
+            _stop_group(proc, timeout=5)
         self._procs.clear()
         if self.keep:
             print(f"test cluster state kept in {self.workdir}", file=sys.stderr)
@@ -505,6 +462,29 @@ class TestCluster:
             raise node_error
 
     # --- clients and helpers ---------------------------------------------------------------------------
+
+    def relay(self, target: Target, port: int = 0) -> str:
+        """Make ``target()`` (a ``(host, port)`` looked up per connection) reachable from pods: a relay on
+        the node IP (``port``, 0 for any), stopped with the cluster. Returns its ``node_ip:port``.
+
+        Raises:
+            ClusterError: The cluster has no real node.
+        """
+        if self.node is None:
+            raise ClusterError("relays need a real node: TestCluster(real_node=RealNodeConfig())")
+        relay = TcpRelay(self.node.node_ip, target, port).start()
+        self._relays.append(relay)
+        return relay.address
+
+    def pod_api_url(self) -> str:
+        """The API server's URL for pods: ``https://<node IP>:<port>``, a relay to 127.0.0.1, where it listens
+        (there is no kube-proxy to route the ``kubernetes`` Service). Its certificate names the node IP, so
+        pods verify it with their service account's ``ca.crt``. The relay's port is not the API server's:
+        tests/kubernetes/test_isolation.py checks that a function pod cannot reach that one on the node IP."""
+        if not self._pod_api_url:
+            port = int(self.api_url.rsplit(":", 1)[1])
+            self._pod_api_url = f"https://{self.relay(lambda: ('127.0.0.1', port))}"
+        return self._pod_api_url
 
     def client_configuration(self) -> client.Configuration:
         """A ``kubernetes`` client configuration for the admin token, verifying the server certificate."""
@@ -537,32 +517,15 @@ class TestCluster:
                 lambda: self._sa_token_ready(api, name), time.monotonic() + timeout, f"token in {name}"
             )
 
-    def pod_log_path(self, namespace: str, pod: str, container: str | None = None) -> Path | None:
-        """The file the fake kubelet writes the pod's output to (newest pod of that name), if any.
-
-        ``kubectl logs`` cannot work here (it dials the kubelet); read this file instead.
-        """
-        pattern = f"{container}.log" if container else "*.log"
-        candidates = sorted(
-            (self.workdir / "kubelet" / "pods" / namespace).glob(f"{pod}-*/{pattern}"),
-            key=lambda p: p.stat().st_mtime,
-        )
-        # A pod name followed by "-<uid8>": make sure "web" does not match "web-2-<uid8>".
-        candidates = [p for p in candidates if p.parent.name.rsplit("-", 1)[0] == pod]
-        return candidates[-1] if candidates else None
-
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """The captured output of a pod's process (empty when it never started)."""
-        if self.node is not None:
-            which = ["-c", container] if container else []
-            with contextlib.suppress(ClusterError):
-                return self.kubectl("logs", "-n", namespace, pod, *which)
-            return ""
-        path = self.pod_log_path(namespace, pod, container)
-        return path.read_text(errors="replace") if path else ""
+        """A pod container's output, through ``kubectl logs`` (empty when it never started)."""
+        which = ["-c", container] if container else []
+        with contextlib.suppress(ClusterError):
+            return self.kubectl("logs", "-n", namespace, pod, *which)
+        return ""
 
     def kubectl(self, *args: str, timeout: float = 30.0) -> str:
-        """Run the cluster's kubectl (real node: logs and exec dial its kubelet) and return its output.
+        """Run the cluster's kubectl (logs and exec dial the node's kubelet) and return its output.
 
         Raises:
             ClusterError: kubectl failed.
@@ -585,7 +548,7 @@ class TestCluster:
         return [entry for entry in text.split("\0") if entry]
 
     def component_log(self, name: str) -> str:
-        """Log of a component: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, fake-kubelet."""
+        """Log of a component: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd..."""
         path = self.workdir / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
@@ -605,8 +568,8 @@ class TestCluster:
                 start_new_session=True,
             )
         self._procs.append((name, proc))
-        # The fake kubelet's orphan guard kills these groups should the test process die without stop().
-        pgids = " ".join(str(p.pid) for n, p in self._procs if n != "fake-kubelet")
+        # reap_stale_nodes() kills these groups should the test process die without stop().
+        pgids = " ".join(str(p.pid) for _, p in self._procs)
         (self.workdir / "components.pgids").write_text(pgids + "\n")
         return proc
 
@@ -672,11 +635,9 @@ class TestCluster:
             return False
 
     def _nodes_ready(self, api: client.CoreV1Api) -> bool:
-        wanted = {n.name for n in self.nodes}
-        if self.real_node is not None:
-            wanted.add(self.real_node.name)
-        for node in get_json(api.list_node)["items"]:
-            if self.real_node is not None and node["metadata"]["name"] == self.real_node.name:
+        wanted = {self.real_node.name}
+        for node in read_json(api.list_node)["items"]:
+            if node["metadata"]["name"] == self.real_node.name:
                 if not self._adopt_real_node(api, node):
                     continue
             conditions = node.get("status", {}).get("conditions") or []
@@ -694,10 +655,8 @@ class TestCluster:
         Returns whether the node advertises its GPUs. With the device plugin (the default) the kubelet puts
         them into the node's capacity itself, as on a GPU node; without it (``device_plugin=False``, the
         fallback) the capacity is patched into the node status. The taint is what the nodelifecycle
-        controller would lift; it is off in this cluster because the fake nodes send no heartbeats it would
-        accept.
+        controller would lift; it is off in this cluster.
         """
-        assert self.real_node is not None
         conditions = node.get("status", {}).get("conditions") or []
         if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
             return False
@@ -722,7 +681,7 @@ class TestCluster:
             s.get("type") == "kubernetes.io/service-account-token"
             and (s["metadata"].get("annotations") or {}).get("kubernetes.io/service-account.name")
             == "default"
-            for s in get_json(api.list_namespaced_secret, namespace)["items"]
+            for s in read_json(api.list_namespaced_secret, namespace)["items"]
         )
 
 

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -91,3 +93,56 @@ def push(layout: Path, tag: str, destination: str) -> None:
     )  # fmt: skip
     if done.returncode != 0:
         raise ImageError(f"skopeo copy of {tag} to {destination} failed: {done.stderr.strip()}")
+
+
+GPUFN_IMAGE_BUILD_SCRIPT = HERE / "images" / "build-gpufn.sh"
+REPO_ROOT = HERE.parent.parent
+# What deploy/Dockerfile copies, plus the Dockerfile: any change to them is a new image.
+GPUFN_IMAGE_INPUTS = (
+    "deploy/Dockerfile",
+    "pyproject.toml",
+    "README.md",
+    "workflows",
+    "activities",
+    "api",
+    "gpufn",
+    "worker.py",
+    "examples",
+)
+
+
+def gpufn_image_cache_dir() -> Path:
+    """The OCI layout cache of ``images/build-gpufn.sh``, next to ``image_cache_dir()``."""
+    env = os.environ.get("GPUFN_GPUFN_IMAGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "gpufn" / "gpufn-image-r1"
+
+
+def gpufn_image_tag() -> str:
+    """A hash of the gpufn image's inputs (paths and contents, caches left out): its tag in the cache."""
+    digest = hashlib.sha256()
+    for name in GPUFN_IMAGE_INPUTS:
+        root = REPO_ROOT / name
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def ensure_gpufn_image() -> tuple[Path, str]:
+    """Build gpufn's image from ``deploy/Dockerfile`` unless the current inputs' one is cached (minutes per
+    code change, seconds otherwise); return (OCI layout, tag).
+
+    Raises:
+        ImageError: The build failed.
+    """
+    tag = gpufn_image_tag()
+    layout = gpufn_image_cache_dir() / "oci"
+    if tag not in layout_tags(layout):
+        # The running Python (the test venv's) downloads the wheels, unless GPUFN_KUBE_PYTHON says otherwise.
+        env = {**os.environ, "GPUFN_KUBE_PYTHON": os.environ.get("GPUFN_KUBE_PYTHON", sys.executable)}
+        done = subprocess.run(["bash", str(GPUFN_IMAGE_BUILD_SCRIPT), tag], env=env, check=False)
+        if done.returncode != 0 or tag not in layout_tags(layout):
+            raise ImageError(f"{GPUFN_IMAGE_BUILD_SCRIPT} failed (exit {done.returncode})")
+    return layout, tag

@@ -201,7 +201,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _pick_subnet() -> ipaddress.IPv4Network:
+def pick_subnet() -> ipaddress.IPv4Network:
     """A random 10.x.y.0/24 that no route of this machine overlaps."""
     routes = subprocess.run(
         ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True
@@ -230,6 +230,7 @@ class RealNode:
         config: What the node advertises.
         spawn: The cluster's process starter, ``spawn(name, argv)``: logs to ``logs/<name>.log``, own
             process group, stopped with the cluster.
+        subnet: The pod network (its first address is the node IP); default a random free private /24.
     """
 
     def __init__(
@@ -242,6 +243,7 @@ class RealNode:
         sandbox_image: str,
         config: RealNodeConfig,
         spawn: Callable[[str, list[str]], subprocess.Popen[bytes]],
+        subnet: ipaddress.IPv4Network | None = None,
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir
@@ -254,7 +256,7 @@ class RealNode:
         # Interface names have at most 15 characters.
         self.bridge = f"gpufn{suffix}"
         self.cgroup = f"gpufn-{suffix}"
-        self.subnet = _pick_subnet()
+        self.subnet = subnet or pick_subnet()
         self.node_ip = str(self.subnet.network_address + 1)
         self.containerd_socket = workdir / "containerd" / "containerd.sock"
         self.containerd: subprocess.Popen[bytes] | None = None

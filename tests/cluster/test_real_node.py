@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from .fake_kubelet import get_json
+from gpufn.kube_inventory import read_json
+
 from .fixtures import REAL_NODE, wait_for
 from .harness import TestCluster, ensure_binaries
 from .images import ensure_images
@@ -51,7 +52,7 @@ def namespace(cluster: TestCluster, core: client.CoreV1Api) -> Iterator[str]:
     cluster.create_namespace(name)
     yield name
     core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
-    wait_for(lambda: not get_json(core.list_namespaced_pod, name)["items"], 60, f"the pods of {name} to go")
+    wait_for(lambda: not read_json(core.list_namespaced_pod, name)["items"], 60, f"the pods of {name} to go")
 
 
 def echo_pod(name: str, image: str, **container: Any) -> Any:
@@ -70,7 +71,7 @@ def echo_pod(name: str, image: str, **container: Any) -> Any:
 
 
 def pod_status(core: client.CoreV1Api, ns: str, name: str) -> dict[str, Any]:
-    return dict(get_json(core.read_namespaced_pod, name, ns).get("status", {}))
+    return dict(read_json(core.read_namespaced_pod, name, ns).get("status", {}))
 
 
 def first_container(core: client.CoreV1Api, ns: str, name: str) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def first_container(core: client.CoreV1Api, ns: str, name: str) -> dict[str, Any
 
 
 def test_node_is_ready_with_gpus_and_feature_discovery_labels(core: client.CoreV1Api) -> None:
-    node = get_json(core.read_node, NODE.name)
+    node = read_json(core.read_node, NODE.name)
     labels = node["metadata"]["labels"]
     assert labels["nvidia.com/gpu.present"] == "true"
     assert labels["nvidia.com/gpu.product"] == NODE.gpu_product
@@ -97,7 +98,7 @@ def test_gpus_come_from_the_device_plugin_and_reach_the_pod_that_asks(
     assert plugin is not None
     # The kubelet has the plugin's devices: the capacity it reports is theirs (no patch of the node status).
     assert len(plugin.device_ids) == NODE.gpus
-    node = get_json(core.read_node, NODE.name)
+    node = read_json(core.read_node, NODE.name)
     assert node["status"]["capacity"]["nvidia.com/gpu"] == str(NODE.gpus)
     pod = echo_pod("two-gpus", cluster.image("echo:1"), resources={"limits": {"nvidia.com/gpu": "2"}})
     core.create_namespaced_pod(namespace, pod)

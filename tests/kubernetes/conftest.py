@@ -5,7 +5,6 @@ Pods run for real (containerd + kubelet): functions use the echo example's image
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-import tests.conftest as root
 from gpufn.kube_inventory import cluster_group_name
 from tests.cluster.fixtures import real_cluster
 from tests.cluster.harness import TestCluster
@@ -31,15 +29,6 @@ KUBE_SETTINGS: dict[str, Any] = {
     "kube_termination_grace_seconds": 5,
 }
 """Short bounds for the worker, so failure tests end in seconds."""
-
-ECHO_SERVER = Path(root.ROOT) / "examples" / "echo" / "server.py"
-
-
-def echo_command() -> str:
-    """The echo server's command line for a pod of the fake nodes (tests/registry still uses them): the
-    fake kubelet runs it on this machine, in a per-pod directory."""
-    return f"{sys.executable} {ECHO_SERVER}"
-
 
 ECHO_IMAGE = "echo:1"
 """The echo example's image (tests/cluster/images/build.sh): its command serves, streams and probes."""

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.fixtures import kube_cluster
+from tests.cluster.fixtures import real_cluster
 from tests.cluster.harness import cache_dir, helm_environment
 from tests.conftest import ROOT
 
-__all__ = ["CHART", "REQUIRED", "Helm", "helm", "kube_cluster"]
+__all__ = ["CHART", "REQUIRED", "Helm", "helm", "real_cluster"]
 
 CHART = ROOT / "deploy" / "helm" / "gpufn"
 REQUIRED = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from activities.registry import RegistryConfig, RegistryCredential, RegistryResolver
-from tests.cluster.fixtures import kube_cluster
+from tests.cluster.fixtures import real_cluster
 from tests.registry.servers import (
     RegistryServer,
     TokenService,
@@ -19,7 +19,7 @@ from tests.registry.servers import (
     tools_missing,
 )
 
-__all__ = ["kube_cluster"]
+__all__ = ["real_cluster"]
 
 SETUP_SCRIPT = Path(__file__).resolve().parent / "setup.sh"
 USER, PASSWORD = "gpufn", "s3cret-pull"

@@ -64,153 +64,22 @@ BODY = b'{"prompt": "hello", "max_tokens": 16}'
 # --- load generator ---------------------------------------------------------------------------------
 
 
-class _Client(asyncio.Protocol):
-    """One keep-alive connection sending the same request back to back until the deadline."""
-
-    def __init__(self, request: bytes, latencies: list[int], stop_at: float) -> None:
-        import httptools
-
-        self.request = request
-        self.latencies = latencies
-        self.stop_at = stop_at
-        self.parser = httptools.HttpResponseParser(self)
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.errors = 0
-        self.sent_at = 0
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass it
-        self.fire()
-
-    def fire(self) -> None:
-        assert self.transport is not None
-        if time.perf_counter() >= self.stop_at:
-            self.transport.close()
-            return
-        self.sent_at = time.perf_counter_ns()
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_complete(self) -> None:
-        if self.parser.get_status_code() not in (200, 202):  # 202: the durable path (d)
-            self.errors += 1
-        else:
-            self.latencies.append(time.perf_counter_ns() - self.sent_at)
-        self.fire()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-async def _load(
-    host: str, port: int, path: str, concurrency: int, duration: float, warmup: float, extra: str = ""
-) -> dict[str, Any]:
-    request = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{extra}"
-        f"Authorization: Bearer {KEY}\r\nContent-Length: {len(BODY)}\r\n\r\n"
-    ).encode() + BODY
-    loop = asyncio.get_running_loop()
-
-    async def phase(seconds: float, latencies: list[int]) -> tuple[float, int]:
-        stop_at = time.perf_counter() + seconds
-        started = time.perf_counter()
-        clients = []
-        for _ in range(concurrency):
-            _, client = await loop.create_connection(lambda: _Client(request, latencies, stop_at), host, port)
-            clients.append(client)
-        await asyncio.gather(*(c.done for c in clients))
-        return time.perf_counter() - started, sum(c.errors for c in clients)
-
-    warm: list[int] = []
-    await phase(warmup, warm)
-    latencies: list[int] = []
-    elapsed, errors = await phase(duration, latencies)
-    latencies.sort()
-    count = len(latencies)
-    return {
-        "requests": count,
-        "warmup_requests": len(warm),
-        "errors": errors,
-        "rps": count / elapsed,
-        "p50_ms": latencies[count // 2] / 1e6 if count else None,
-        "p99_ms": latencies[min(count - 1, int(count * 0.99))] / 1e6 if count else None,
-    }
-
-
 def load_main(args: argparse.Namespace) -> None:
     import uvloop
 
+    sys.path.insert(0, str(ROOT))
+    from bench.load_client import run_load
+
     extra = "".join(f"{line}\r\n" for line in args.header)
     result = uvloop.run(
-        _load(args.host, args.port, args.path, args.concurrency, args.duration, args.warmup, extra)
+        run_load(
+            args.host, args.port, args.path, args.concurrency, args.duration, args.warmup, KEY, BODY, extra
+        )
     )
     print(json.dumps(result))
 
 
 # --- gateway process --------------------------------------------------------------------------------
-
-
-class LagProbe:
-    """Event-loop lag: a task that sleeps 1 ms again and again and records how late each wake-up came.
-
-    A wake-up late by 20 ms means the loop ran something else for 20 ms without a break (a GC pass, a
-    sweep over many objects): every request on that loop waited as long.
-    """
-
-    TICK = 0.001
-
-    def __init__(self) -> None:
-        self._overshoots: list[float] = []
-        self._collections: list[tuple[int, float]] = []
-        """(generation, seconds) of each garbage collection, timed by a `gc.callbacks` hook."""
-        self._gc_started = 0.0
-
-    def watch_gc(self) -> None:
-        """Time every garbage collection of this process from now on."""
-        import gc
-
-        def timed(phase: str, info: dict[str, int]) -> None:
-            if phase == "start":
-                self._gc_started = time.perf_counter()
-            else:
-                self._collections.append((info["generation"], time.perf_counter() - self._gc_started))
-
-        gc.callbacks.append(timed)
-
-    async def run(self) -> None:
-        """Sleep `TICK` forever, recording each wake-up's delay beyond it."""
-        clock = time.perf_counter
-        record = self._overshoots.append
-        while True:
-            before = clock()
-            await asyncio.sleep(self.TICK)
-            record(clock() - before - self.TICK)
-
-    def take(self) -> dict[str, Any]:
-        """Return the lag figures (ms) since the last call, and start afresh."""
-        lags = sorted(self._overshoots)
-        self._overshoots.clear()  # the same list: `run` appends to it
-        full = [seconds for generation, seconds in self._collections if generation == 2]
-        young = [seconds for generation, seconds in self._collections if generation < 2]
-        self._collections.clear()
-        count = len(lags)
-        if not count:
-            return {"lag_samples": 0}
-        return {
-            "gc_full": len(full),
-            "gc_full_max_ms": max(full, default=0.0) * 1e3,
-            "gc_young": len(young),
-            "gc_young_max_ms": max(young, default=0.0) * 1e3,
-            "lag_samples": count,
-            "lag_p50_ms": lags[count // 2] * 1e3,
-            "lag_p99_ms": lags[min(count - 1, int(count * 0.99))] * 1e3,
-            "lag_max_ms": lags[-1] * 1e3,
-            "lag_over_10ms": sum(1 for lag in lags if lag > 0.010),
-        }
 
 
 LAG_PATH = "/bench/lag"
@@ -234,6 +103,7 @@ def serve_main(args: argparse.Namespace) -> None:
     from api.gateway import Gateway, GatewaySettings
     from api.http_limits import LimitedHttpToolsProtocol
     from api.principal import ALL_SCOPES, Principal
+    from bench.lag_probe import LagProbe
 
     principal = Principal(account=ACCOUNT, key_id="bench", scopes=ALL_SCOPES)
 

@@ -143,7 +143,7 @@ class Dispatcher:
     def use_plane(self, plane: Plane | None) -> None:
         """Start serving the shared invocation plane's queues (None: stop using it; after `close`)."""
         self.plane = plane
-        self._feed = PlaneFeed(plane, self.pending, self._start) if plane is not None else None
+        self._feed = PlaneFeed(plane, self.pending, self._start, self._pump) if plane is not None else None
 
     async def start(self) -> None:
         """Start sweeping expired results, timed-out queued requests and stale connections."""
@@ -184,6 +184,7 @@ class Dispatcher:
         if len(version.queue) >= self._settings.max_queue_depth:
             raise QueueFull
         version.queue.append(invocation)
+        self.wanted(version)  # with the shared plane: lease slots for it
 
     def try_start(self, invocation: Invocation) -> bool:
         """Start the request at once when a slot is free and nothing queues before it; else False.

